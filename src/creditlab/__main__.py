@@ -1,0 +1,3 @@
+from creditlab.cli import main
+
+raise SystemExit(main())

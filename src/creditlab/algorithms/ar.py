@@ -1,0 +1,343 @@
+"""Activation Relaxation (Millidge, Tschantz, Seth, Buckley; ``../shared/papers`` file 000).
+
+After the forward sweep the hidden states x^l (l = 1..L-1) relax by Euler steps of
+
+    dx^l/dt = -x^l + J_l^T x^{l+1},    J_l^T v = B_l^T (f'(a_l) * v)           (§1, Eq. 5)
+
+with a_l the forward pre-activation (held fixed), B_l = W_l (``feedback=transpose``), fixed
+random psi_l^T (``random``, feedback alignment, §3.1) or learned psi_l^T (``learned``, Eq. 6),
+and f' dropped with ``derivative=false`` (Eqs. 7-8). The output state is *clamped* to
+c = dL/dx^L (Appendices A-B; Algorithm 1 relaxes the output to the same value instead, which
+has the same equilibrium). At equilibrium x^l = dL/dx^l, and the weights update with the local
+product dW_l = (x^{l+1} * f'(a_l)) x_fwd^{l T} (bias: the sum of x^{l+1} * f'(a_l)).
+
+Two schedules: ``synchronous`` (every layer from the previous step's states: the paper's single
+parallel phase) and ``sweep`` (top-down, each layer uses the just-updated layer above: what the
+authors' code does). Two modes:
+
+* ``simulate`` runs the T steps one by one (and can record the convergence trace, Fig. 1);
+* ``exact`` gives the same x(T) in closed form. With the Jacobians fixed one step is
+  x <- M x + eta b, with M = (1-eta) I + eta N (synchronous) or (1-eta)(I - eta N)^{-1}
+  (sweep), N the nilpotent block-superdiagonal map (N x)_l = J_l^T x_{l+1}. The fixed point
+  is x* = sum_k N^k b, i.e. x*_l = J_l^T ... J_{L-1}^T c (backprop through the feedback), and
+  x(T) = x* + M^T (x(0) - x*) with M^T = sum_k w_k N^k,
+      w_k = C(T,k) (1-eta)^(T-k) eta^k            (synchronous)
+      w_k = (1-eta)^T C(T+k-1,k) eta^k            (sweep, negative-binomial weights).
+  So x(T)_l = x*_l + sum_k w_k J_l^T...J_{l+k-1}^T e_{l+k}, e = x(0) - x*: O(L^2)
+  Jacobian-vector products, batched into one matmul per layer. ``init=zero`` needs only x*:
+  x(T)_l = (1 - sum_{k<=L-1-l} w_k) x*_l. ``steps=inf`` returns x*.
+
+Learned feedback (Eq. 6): psi_l (shape of W_l^T) receives exactly the weight update's local
+product, transposed (psi.grad = dW_l^T), through the same optimizer, as the authors' code
+does. The paper prints Eq. 6 with a + sign because its states carry the opposite sign there;
+with our states (= +dL/dx) the optimizer's descent on both gives the same rule. Consequence:
+with the same optimizer and learning rate and no decay, psi - W^T stays at its initial value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.errors import ConfigError
+from creditlab.models import MLP, require_mlp
+from creditlab.models.init import init_weight_
+from creditlab.spec import choice
+
+
+# ----------------------------------------------------------------------------------------
+# pure functions
+# ----------------------------------------------------------------------------------------
+def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> list[float]:
+    """w_k, k = 0..kmax, of M^T = sum_k w_k N^k (see the module docstring)."""
+    out = []
+    for k in range(kmax + 1):
+        if schedule == "synchronous":
+            if k > steps:
+                out.append(0.0)
+                continue
+            out.append(_binom_term(math.comb(steps, k), 1.0 - eta, steps - k, eta, k))
+        else:
+            if steps == 0:
+                out.append(1.0 if k == 0 else 0.0)
+                continue
+            out.append(_binom_term(math.comb(steps + k - 1, k), 1.0 - eta, steps, eta, k))
+    return out
+
+
+def _binom_term(comb: int, q: float, qexp: int, p: float, pexp: int) -> float:
+    """comb * q**qexp * p**pexp without overflow (q may be 0 or negative)."""
+    if qexp == 0:
+        qpow = 1.0
+    elif q == 0.0:
+        return 0.0
+    else:
+        qpow = None
+    try:
+        c = float(comb)
+    except OverflowError:
+        c = math.inf
+    if qpow is not None and math.isfinite(c):
+        return c * p**pexp
+    if math.isfinite(c):
+        val = c * q**qexp * p**pexp
+        if val != 0.0 or abs(q) >= 1.0:
+            return val
+    # log space for huge binomials times tiny powers
+    sign = -1.0 if (q < 0 and qexp % 2) else 1.0
+    logv = math.log(comb) + (qexp * math.log(abs(q)) if qexp else 0.0) + (pexp * math.log(p) if pexp else 0.0)
+    return sign * math.exp(logv) if logv > -745 else 0.0
+
+
+@dataclass
+class Relaxation:
+    """Per-batch relaxation problem: the chain's backward maps and the clamp.
+
+    ``back[l]`` (l = 1..L-1) is B_l of shape (out, in) and ``deriv[l]`` is f'(a_l) (or None to
+    drop it), so J_l^T v = (v * deriv[l]) @ back[l]; ``clamp`` is c = dL/dx^L."""
+
+    back: list[Tensor | None]
+    deriv: list[Tensor | None]
+    clamp: Tensor
+
+    @property
+    def depth(self) -> int:  # L
+        return len(self.back)
+
+    def jt(self, l: int, v: Tensor) -> Tensor:
+        d = self.deriv[l]
+        return (v if d is None else v * d) @ self.back[l]  # type: ignore[operator]
+
+    def fixed_point(self) -> list[Tensor | None]:
+        """x*_l for l = 1..L (index L is the clamp); index 0 is None."""
+        L = self.depth
+        xs: list[Tensor | None] = [None] * (L + 1)
+        xs[L] = self.clamp
+        for l in range(L - 1, 0, -1):
+            xs[l] = self.jt(l, xs[l + 1])  # type: ignore[arg-type]
+        return xs
+
+
+def relax_exact(
+    rel: Relaxation, init: list[Tensor | None] | None, steps: float, eta: float, schedule: str
+) -> list[Tensor | None]:
+    """States after ``steps`` Euler steps in closed form (``init`` None means zero states)."""
+    L = rel.depth
+    if math.isinf(steps):
+        return rel.fixed_point()
+    T = int(steps)
+    w = relaxation_weights(T, eta, schedule, max(L - 2, 0))
+    xs: list[Tensor | None] = [None] * (L + 1)
+    xs[L] = rel.clamp
+    if init is None:
+        star = rel.fixed_point()
+        cum = 0.0
+        for l in range(L - 1, 0, -1):
+            cum += w[L - 1 - l]
+            xs[l] = star[l] * (1.0 - cum)  # type: ignore[operator]
+        return xs
+    # carry x* and the graded stack chain(l+k -> l) e_{l+k}, k = 0.., through one batched
+    # Jacobian-transpose product per layer.
+    star_above = rel.clamp
+    stack: Tensor | None = None  # (K, B, n_{l+1})
+    for l in range(L - 1, 0, -1):
+        if stack is None:
+            star_l = rel.jt(l, star_above)
+            e = init[l] - star_l  # type: ignore[operator]
+            stack = e.unsqueeze(0)
+        else:
+            moved = rel.jt(l, torch.cat([star_above.unsqueeze(0), stack], 0))
+            star_l = moved[0]
+            e = init[l] - star_l  # type: ignore[operator]
+            stack = torch.cat([e.unsqueeze(0), moved[1:]], 0)
+        wk = torch.tensor(w[: stack.shape[0]], dtype=stack.dtype, device=stack.device)
+        xs[l] = star_l + torch.tensordot(wk, stack, dims=1)
+        star_above = star_l
+    return xs
+
+
+def relax_simulate(
+    rel: Relaxation,
+    init: list[Tensor | None] | None,
+    steps: int,
+    eta: float,
+    schedule: str,
+    target: list[Tensor | None] | None = None,
+) -> tuple[list[Tensor | None], list[list[float]]]:
+    """Euler steps one by one. With ``target`` (per-layer dL/dx^l) also returns the trace
+    ``trace[t][l-1]`` = mean squared error between x^l(t) and target^l, t = 0..steps."""
+    if math.isinf(steps):
+        raise ConfigError("ar: mode=simulate needs a finite number of steps; use mode=exact for steps=inf")
+    L = rel.depth
+    xs: list[Tensor | None] = [None] * (L + 1)
+    xs[L] = rel.clamp
+    zeros = rel.fixed_point() if init is None else None
+    for l in range(1, L):
+        xs[l] = torch.zeros_like(zeros[l]) if zeros is not None else init[l].clone()  # type: ignore[arg-type,index,union-attr]
+    trace: list[list[float]] = []
+
+    def record() -> None:
+        if target is not None:
+            trace.append([float(((xs[l] - target[l]) ** 2).mean()) for l in range(1, L)])  # type: ignore[operator]
+
+    record()
+    for _ in range(int(steps)):
+        if schedule == "synchronous":
+            new = [xs[l] + eta * (-xs[l] + rel.jt(l, xs[l + 1])) for l in range(1, L)]  # type: ignore[operator,arg-type]
+            for l in range(1, L):
+                xs[l] = new[l - 1]
+        else:
+            for l in range(L - 1, 0, -1):
+                xs[l] = xs[l] + eta * (-xs[l] + rel.jt(l, xs[l + 1]))  # type: ignore[operator,arg-type]
+        record()
+    return xs, trace
+
+
+# ----------------------------------------------------------------------------------------
+# the algorithm
+# ----------------------------------------------------------------------------------------
+@register_algorithm
+class ActivationRelaxation(Algorithm):
+    """``ar``: Activation Relaxation on an MLP (see the module docstring for the equations).
+
+    Options: ``mode`` exact|simulate, ``steps`` (int or inf), ``eta``, ``init`` forward|zero,
+    ``schedule`` synchronous|sweep, ``feedback`` transpose|random|learned, ``derivative``
+    (f' in the relaxation), ``update_derivative`` (f' in the weight update), ``feedback_lr``
+    (default: the weight learning rate), ``feedback_decay`` (L2 decay of learned psi),
+    ``feedback_init`` (default: the model's init scheme)."""
+
+    name = "ar"
+    defaults = {
+        "mode": "exact",
+        "steps": 100,
+        "eta": 0.1,
+        "init": "forward",
+        "schedule": "synchronous",
+        "feedback": "transpose",
+        "derivative": True,
+        "update_derivative": True,
+        "feedback_lr": None,
+        "feedback_decay": 0.0,
+        "feedback_init": None,
+    }
+    divergence_hint = "lower eta (relaxation step) or the learning rate, or use mode=exact with steps=inf"
+
+    def __init__(self, model: nn.Module, loss, **options: Any):
+        super().__init__(model, loss, **options)
+        self.mlp: MLP = require_mlp(model, self.name)
+        o = self.options
+        choice("ar", "mode", o["mode"], ("exact", "simulate"))
+        choice("ar", "init", o["init"], ("forward", "zero"))
+        choice("ar", "schedule", o["schedule"], ("synchronous", "sweep"))
+        choice("ar", "feedback", o["feedback"], ("transpose", "random", "learned"))
+        steps = o["steps"]
+        if not (isinstance(steps, int) and steps >= 0) and not (isinstance(steps, float) and math.isinf(steps)):
+            raise ConfigError(f"ar option steps={steps!r} must be a non-negative integer or inf")
+        if not (isinstance(o["eta"], (int, float)) and o["eta"] > 0):
+            raise ConfigError(f"ar option eta={o['eta']!r} must be a positive number")
+        if math.isinf(steps) and o["mode"] == "simulate":
+            raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
+        if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
+            raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
+        self.feedback: nn.ParameterList | None = None
+        if o["feedback"] != "transpose":
+            kw = self.factory_kwargs()
+            init = o["feedback_init"] or self.mlp.init_spec
+            psis = []
+            for layer in self.mlp.layers[1:]:
+                w = torch.empty(layer.weight.shape, **kw)
+                init_weight_(w, init)
+                psis.append(nn.Parameter(w.t().contiguous(), requires_grad=o["feedback"] == "learned"))
+            self.feedback = nn.ParameterList(psis)
+        self.last_trace: list[list[float]] | None = None
+
+    # -- optimizer and checkpoint plumbing ------------------------------------------
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        if self.options["feedback"] != "learned":
+            return []
+        return [{
+            "params": list(self.feedback),  # type: ignore[arg-type]
+            "lr": self.options["feedback_lr"] or lr,
+            "weight_decay": float(self.options["feedback_decay"]),
+            "name": "ar.feedback",
+        }]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.feedback is None:
+            return {}
+        return {"feedback": [p.detach().clone() for p in self.feedback]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.feedback is not None:
+            with torch.no_grad():
+                for p, v in zip(self.feedback, state["feedback"]):
+                    p.copy_(v)
+
+    def backward_weight(self, l: int) -> Tensor:
+        """B_l (shape of W_l) used for J_l^T: W_l or psi_l^T."""
+        if self.feedback is None:
+            return self.mlp.layers[l].weight
+        return self.feedback[l - 1].t()
+
+    def diagnostics(self) -> dict[str, float]:
+        if self.feedback is None:
+            return {}
+        from creditlab.diagnostics.feedback import feedback_alignment
+
+        pairs = [(f"layers.{l}", self.mlp.layers[l].weight.detach(), self.feedback[l - 1].detach().t())
+                 for l in range(1, len(self.mlp.layers))]
+        return feedback_alignment(pairs)
+
+    # -- the algorithm ---------------------------------------------------------------
+    @torch.no_grad()
+    def build(self, trace, target: Tensor) -> Relaxation:
+        L = len(self.mlp.layers)
+        acts = self.mlp.activations
+        back: list[Tensor | None] = [None] + [self.backward_weight(l) for l in range(1, L)]
+        deriv: list[Tensor | None] = [None] + [
+            acts[l].df(trace.pre[l]) if self.options["derivative"] else None for l in range(1, L)
+        ]
+        return Relaxation(back, deriv, self.loss.grad(trace.out, target))
+
+    @torch.no_grad()
+    def relax(self, trace, target: Tensor, record: bool = False) -> list[Tensor | None]:
+        o = self.options
+        rel = self.build(trace, target)
+        init = trace.xs if o["init"] == "forward" else None
+        if o["mode"] == "exact":
+            return relax_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"])
+        goal = true_state_gradients(self.mlp, trace, self.loss.grad(trace.out, target)) if record else None
+        states, self.last_trace = relax_simulate(rel, init, o["steps"], float(o["eta"]), o["schedule"], goal)
+        return states
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        with torch.no_grad():
+            trace = self.mlp.trace(x)
+            loss = self.loss(trace.out, y)
+            states = self.relax(trace, y)
+            acts = self.mlp.activations
+            for l, layer in enumerate(self.mlp.layers):
+                delta = states[l + 1]
+                if self.options["update_derivative"]:
+                    delta = delta * acts[l].df(trace.pre[l])  # type: ignore[operator]
+                layer.weight.grad = delta.t() @ trace.xs[l]  # type: ignore[union-attr]
+                if layer.bias is not None:
+                    layer.bias.grad = delta.sum(0)  # type: ignore[union-attr]
+                if self.options["feedback"] == "learned" and l >= 1:
+                    self.feedback[l - 1].grad = layer.weight.grad.t().clone()  # type: ignore[index]
+        return StepResult(loss, trace.out)
+
+
+@torch.no_grad()
+def true_state_gradients(mlp: MLP, trace, clamp: Tensor) -> list[Tensor | None]:
+    """dL/dx^l by exact backprop (transpose weights, with f'), l = 1..L; index 0 is None."""
+    L = len(mlp.layers)
+    acts = mlp.activations
+    rel = Relaxation([None] + [mlp.layers[l].weight for l in range(1, L)],
+                     [None] + [acts[l].df(trace.pre[l]) for l in range(1, L)], clamp)
+    return rel.fixed_point()

@@ -1,0 +1,81 @@
+"""Angle between an algorithm's update and backprop's, per layer, on the same batch.
+
+The angle is arccos(<g, g*> / (|g| |g*|)) in degrees on the flattened updates of one layer
+(weight and bias together), following Lillicrap et al. (2016) as the AR paper does (§2).
+The backprop reference is a *shadow* autograd pass: it reads the parameters and never writes
+``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from creditlab.losses import Loss
+
+
+def layer_groups(model: nn.Module) -> "OrderedDict[str, list[str]]":
+    """Module name -> names of its own trainable parameters, for modules that have some."""
+    groups: "OrderedDict[str, list[str]]" = OrderedDict()
+    for mod_name, mod in model.named_modules():
+        own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            groups[mod_name or "model"] = [f"{mod_name}.{n}" if mod_name else n for n in own]
+    return groups
+
+
+def backprop_grads(model: nn.Module, loss: Loss, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """dL/dtheta by autograd for every trainable parameter, without touching ``.grad``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = model(x)
+        value = loss(out, y)
+        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)}
+
+
+def angle_deg(a: Tensor, b: Tensor) -> float:
+    """Angle in degrees between two tensors, flattened; nan if either is zero."""
+    a = a.reshape(-1).double()
+    b = b.reshape(-1).double()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return math.nan
+    c = float((a @ b) / (na * nb))
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+def rel_error(a: Tensor, b: Tensor) -> float:
+    """|a - b| / |b| on the flattened tensors."""
+    nb = b.double().norm()
+    d = (a.double() - b.double()).norm()
+    return float(d / nb) if nb > 0 else float(d)
+
+
+def _cat(grads: dict[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([grads[n].reshape(-1) for n in names])
+
+
+def layer_angles(model: nn.Module, updates: dict[str, Tensor], reference: dict[str, Tensor]) -> list[dict]:
+    """Per layer: ``{"name", "angle_deg", "rel_error"}`` of ``updates`` against ``reference``."""
+    rows = []
+    for name, params in layer_groups(model).items():
+        if not all(n in updates and n in reference for n in params):
+            continue
+        u, r = _cat(updates, params), _cat(reference, params)
+        rows.append({"name": name, "angle_deg": angle_deg(u, r), "rel_error": rel_error(u, r)})
+    return rows
+
+
+def current_updates(model: nn.Module) -> dict[str, Tensor]:
+    """The ``.grad`` an algorithm wrote, by parameter name (zeros where it wrote none)."""
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def mean_angle(rows: list[dict]) -> float:
+    vals = [r["angle_deg"] for r in rows if not math.isnan(r["angle_deg"])]
+    return sum(vals) / len(vals) if vals else math.nan
