@@ -227,6 +227,14 @@ class ActivationRelaxation(Algorithm):
     }
     divergence_hint = "lower eta (relaxation step) or the learning rate, or use mode=exact with steps=inf"
 
+    def __new__(cls, model: nn.Module, loss=None, **options: Any):
+        # any other module: graph AR (Appendix A), creditlab.algorithms.graph_ar
+        if cls is ActivationRelaxation and not isinstance(model, MLP):
+            from creditlab.algorithms.graph_ar import GraphActivationRelaxation
+
+            return GraphActivationRelaxation(model, loss, **options)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, loss, **options: Any):
         super().__init__(model, loss, **options)
         self.mlp: MLP = require_mlp(model, self.name)
