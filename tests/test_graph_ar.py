@@ -306,6 +306,44 @@ def test_mlp_traced_as_graph_has_exactly_the_mlp_states():
         assert torch.equal(rel.forward[name], xl)
 
 
+class GenericOps(nn.Module):
+    """Operations without a fast path (autograd VJPs): functional max-pool and avg-pool,
+    LayerNorm (module parameters through the generic parameter VJP), a bare parameter used
+    by a product (get_attr), broadcasting add of a bias row, mean over a dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.LayerNorm(12)
+        self.scale = nn.Parameter(torch.randn(12))
+        self.row = nn.Parameter(torch.randn(1, 12))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.max_pool2d(torch.sigmoid(self.conv(x)), 2, stride=1)  # (B, 3, 5, 5)
+        h = F.avg_pool2d(h, 2, stride=1)  # (B, 3, 4, 4)
+        h = h.mean(dim=3).reshape(x.shape[0], 12)
+        h = torch.tanh(self.norm(h)) * self.scale + self.row
+        return self.fc(F.gelu(h)) + h.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("schedule", ["synchronous", "sweep"])
+def test_generic_operations_relax_to_autograd_gradients(schedule):
+    torch.manual_seed(2)
+    model, loss = GenericOps().to(DT), build_loss("cross_entropy")
+    x, y = _data((2, 6, 6))
+    ref = _autograd(model, loss, x, y)
+    got = _step_grads(build_algorithm("ar:steps=inf", model, loss), model, x, y)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 1e-12, k
+    algo = GraphActivationRelaxation(model, loss, schedule=schedule, init="zero")
+    e = _step_grads(algo, model, x, y)
+    s = _step_grads(GraphActivationRelaxation(model, loss, schedule=schedule, init="zero", mode="simulate"), model, x, y)
+    for k in e:
+        assert _rel(e[k], s[k]) < 1e-11, k
+
+
 # ---------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.algorithms.ar import relaxation_weights
 from creditlab.errors import ConfigError
 from creditlab.models import MLP
-from creditlab.models.activations import Activation
+from creditlab.models.activations import Activation, ReLU, Sigmoid, Tanh
 from creditlab.models.init import init_weight_
 from creditlab.spec import choice
 
@@ -178,11 +179,17 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, nn.Module | None]:
             return "conv", m
         if isinstance(m, nn.Flatten):
             return "reshape", m
+        if type(m) is nn.MaxPool2d and not m.return_indices:
+            return "maxpool", m
         if isinstance(m, _ACT_MODULES):
             return "act", m
         return "other", m
     if n.op == "call_function" and n.target in _RESHAPE_FUNCTIONS:
         return "reshape", None
+    if n.op == "call_function" and n.target in (operator.add, operator.sub, torch.add, torch.sub):
+        return "add", None
+    if n.op == "call_function" and n.target is torch.cat and isinstance(n.args[0], (list, tuple)):
+        return "cat", None
     if n.op == "call_method" and n.target in _RESHAPE_METHODS:
         return "reshape", None
     if _is_activation(gm, n):
@@ -253,9 +260,41 @@ def build_units(gm: fx.GraphModule) -> tuple[list[Unit], dict[str, str], fx.Node
 PushFn = Callable[[Tensor], dict[str, Tensor]]
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm, garbage_collect_values=False)
+def _pool_with_indices(x: Tensor, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+                       ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+
+
+def recording_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of the traced graph that returns every node's value (one compiled call, no
+    interpreter); ``nn.MaxPool2d`` nodes also return their argmax indices (``NAME#idx``)."""
+    g = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    g.graph_copy(gm.graph, val_map)
+    names: list[str] = []
+    outs: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n.op in ("output", "get_attr"):
+            continue
+        m = val_map[n]
+        mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+        if type(mod) is nn.MaxPool2d and not mod.return_indices and len(n.args) == 1 and not n.kwargs:
+            with g.inserting_after(m):
+                both = g.call_function(_pool_with_indices, (m.args[0], mod.kernel_size, mod.stride, mod.padding,
+                                                            mod.dilation, mod.ceil_mode))
+            with g.inserting_after(both):
+                val = g.call_function(operator.getitem, (both, 0))
+            with g.inserting_after(val):
+                idx = g.call_function(operator.getitem, (both, 1))
+            m.replace_all_uses_with(val)
+            g.erase_node(m)
+            names += [n.name, n.name + "#idx"]
+            outs += [val, idx]
+        else:
+            names.append(n.name)
+            outs.append(m)
+    g.output(tuple(outs))
+    return fx.GraphModule(gm, g), names
 
 
 @dataclass
@@ -477,8 +516,10 @@ class GraphActivationRelaxation(Algorithm):
         if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
             raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
         self.gm = trace_module(model)
+        self._rec, self._rec_names = recording_module(self.gm)
         self.units, self.owner, self.out_node = build_units(self.gm)
         self.unit_by_name = {u.name: u for u in self.units}
+        self._params_of = {u.name: _own_params(self.gm, u) for u in self.units}
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
         self._fb_of: dict[str, str] = {}  # module target -> feedback key
@@ -552,15 +593,13 @@ class GraphActivationRelaxation(Algorithm):
     # -- the per-batch problem -------------------------------------------------------
     @torch.no_grad()
     def forward_values(self, x: Tensor) -> dict[str, Any]:
-        rec = _Recorder(self.gm)
-        rec.run(x)
-        return {n.name: v for n, v in rec.env.items()}
+        return dict(zip(self._rec_names, self._rec(x)))
 
     def _deriv(self, u: Unit, env: dict[str, Any]) -> Tensor | None:
         """f'(a) of the unit's fused activation at the forward pre-activation."""
         if u.act is None:
             return None
-        return _act_derivative(self.gm, u.act, env[u.op.name])
+        return _act_derivative(self.gm, u.act, env[u.op.name], env[u.act.name])
 
     @torch.no_grad()
     def build(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
@@ -571,7 +610,7 @@ class GraphActivationRelaxation(Algorithm):
             v = env[u.name]
             if not (isinstance(v, Tensor) and v.is_floating_point()):
                 continue
-            if _own_params(self.gm, u) or any(self.owner[a.name] in rset for a in self._inputs(u)):
+            if self._params_of[u.name] or any(self.owner[a.name] in rset for a in self._inputs(u)):
                 relaxed.append(u.name)
                 rset.add(u.name)
         out = self.owner.get(self.out_node.name)
@@ -594,7 +633,7 @@ class GraphActivationRelaxation(Algorithm):
             return lambda s: {}
         op = u.op
         if u.kind == "act":  # unfused elementwise activation: J^T v = f'(a) v (or v)
-            dd = _act_derivative(self.gm, op, env[op.args[0].name]) if _uses(self.options["derivative"], "act") else None
+            dd = _act_derivative(self.gm, op, env[op.args[0].name], env[op.name]) if _uses(self.options["derivative"], "act") else None
             p = self.owner[parents[0].name]
             return lambda s: {p: s if dd is None else s * dd}
         pre = (lambda s: s) if d is None else (lambda s: s * d)
@@ -616,6 +655,52 @@ class GraphActivationRelaxation(Algorithm):
                 return {p: g.reshape(k, *xin.shape)}
 
             return conv_push
+        if u.kind == "maxpool" and op.name + "#idx" in env:
+            idx = env[op.name + "#idx"]
+            xin_shape = tuple(env[parents[0].name].shape)
+            p = self.owner[parents[0].name]
+            flat_idx = idx.flatten(2).unsqueeze(0)
+
+            def pool_push(s: Tensor) -> dict[str, Tensor]:
+                v = pre(s).flatten(3)
+                k = s.shape[0]
+                out = v.new_zeros(k, *xin_shape[:2], xin_shape[2] * xin_shape[3])
+                out.scatter_add_(3, flat_idx.expand(k, *flat_idx.shape[1:]), v)
+                return {p: out.reshape(k, *xin_shape)}
+
+            return pool_push
+        if u.kind == "add" and not op.kwargs and len(op.args) == 2:
+            signs = [1.0, -1.0 if op.target in (operator.sub, torch.sub) else 1.0]
+            terms = [(self.owner[a.name], sg, tuple(env[a.name].shape)) for a, sg in zip(op.args, signs)
+                     if isinstance(a, fx.Node) and a in parents]
+            out_shape = tuple(env[op.name].shape)
+
+            def add_push(s: Tensor) -> dict[str, Tensor]:
+                s = pre(s)
+                res: dict[str, Tensor] = {}
+                for nm, sg, shape in terms:
+                    g = s if shape == out_shape else s.sum_to_size(s.shape[0], *shape)
+                    g = g if sg == 1.0 else -g
+                    res[nm] = res[nm] + g if nm in res else g
+                return res
+
+            return add_push
+        if u.kind == "cat":
+            items = op.args[0]
+            dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
+            sizes = [env[a.name].shape[dim] if isinstance(a, fx.Node) else 0 for a in items]
+            owners = [self.owner[a.name] if isinstance(a, fx.Node) and a in parents else None for a in items]
+
+            def cat_push(s: Tensor) -> dict[str, Tensor]:
+                s = pre(s)
+                d = dim % (s.dim() - 1) + 1
+                res: dict[str, Tensor] = {}
+                for nm, g in zip(owners, torch.split(s, sizes, dim=d)):
+                    if nm is not None:
+                        res[nm] = res[nm] + g if nm in res else g
+                return res
+
+            return cat_push
         if u.kind == "reshape" and len(parents) == 1 and len([a for a in op.all_input_nodes]) == 1:
             shape = tuple(env[parents[0].name].shape)
             p = self.owner[parents[0].name]
@@ -650,7 +735,9 @@ class GraphActivationRelaxation(Algorithm):
 
         def fn(*ts: Tensor) -> Tensor:
             def val(a: fx.Node) -> Any:
-                return ts[idx[a.name]] if a.name in idx else env[a.name]
+                if a.name in idx:
+                    return ts[idx[a.name]]
+                return _get_attr(gm, str(a.target)) if a.op == "get_attr" else env[a.name]
 
             args = fx.node.map_arg(op.args, val)
             kwargs = fx.node.map_arg(op.kwargs, val)
@@ -704,7 +791,7 @@ class GraphActivationRelaxation(Algorithm):
 
         for name in rel.order:
             u = self.unit_by_name[name]
-            params = _own_params(self.gm, u)
+            params = self._params_of[name]
             if not params:
                 continue
             delta = states[name]
@@ -757,8 +844,30 @@ class GraphActivationRelaxation(Algorithm):
                 put(p, g)
 
 
-def _act_derivative(gm: fx.GraphModule, act: fx.Node, a: Tensor) -> Tensor:
-    """f'(a) elementwise: ``Activation.df`` for creditlab activations, else autograd."""
+def _act_name(gm: fx.GraphModule, act: fx.Node) -> str | None:
+    if act.op == "call_module":
+        m = gm.get_submodule(str(act.target))
+        for name, types in (("tanh", (Tanh, nn.Tanh)), ("sigmoid", (Sigmoid, nn.Sigmoid)), ("relu", (ReLU, nn.ReLU))):
+            if type(m) in types:
+                return name
+        return None
+    if act.op == "call_method":
+        return str(act.target) if act.target in ("tanh", "sigmoid", "relu") else None
+    return {torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+            torch.relu: "relu"}.get(act.target)  # type: ignore[arg-type]
+
+
+def _act_derivative(gm: fx.GraphModule, act: fx.Node, a: Tensor, h: Tensor) -> Tensor:
+    """f'(a) elementwise (h = f(a) is the forward output): tanh, sigmoid and relu from h (the
+    same arithmetic as their ``Activation.df``), other creditlab activations by ``df``, any
+    other function by autograd."""
+    name = _act_name(gm, act)
+    if name == "tanh":
+        return 1.0 - h**2
+    if name == "sigmoid":
+        return h * (1.0 - h)
+    if name == "relu":
+        return (h > 0).to(h.dtype)
     if act.op == "call_module":
         m = gm.get_submodule(str(act.target))
         if isinstance(m, Activation):
