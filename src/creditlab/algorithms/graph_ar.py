@@ -157,7 +157,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return self.node.name
+        return self.act.name if self.act is not None else self.op.name
 
 
 def _is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -353,7 +353,8 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     T = int(steps)
     if init is not None:
         # stack A_u = [x*_u, E_u[1], E_u[2], ...]; pushed S_u = [x*_u, E_u[0], E_u[1], ...]
-        w_cache: list[float] = []
+        wall = torch.tensor(_weights(T, float(eta), schedule, len(rel.order) + 1),
+                            dtype=rel.clamp.dtype, device=rel.clamp.device)
         for u in free:
             a = acc.get(u)
             if a is None:
@@ -361,10 +362,8 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
             star = a[0]
             e0 = init[u] - star
             s = torch.cat([star.unsqueeze(0), e0.unsqueeze(0), a[1:]], 0)
-            if len(w_cache) < s.shape[0] - 1:
-                w_cache = relaxation_weights(T, eta, schedule, s.shape[0] - 2)
-            wk = torch.tensor(w_cache[: s.shape[0] - 1], dtype=s.dtype, device=s.device)
-            states[u] = star + torch.tensordot(wk, s[1:], dims=1)
+            wk = wall[: s.shape[0] - 1].reshape(-1, *([1] * star.dim()))
+            states[u] = star + (wk * s[1:]).sum(0)
             for name, t in rel.push[u](s).items():
                 _accumulate(acc, name, t)
         return states
@@ -393,6 +392,11 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
         for name, t in rel.push[u](g).items():
             add(name, [m + 1 for m in lab], t)
     return states
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(steps: int, eta: float, schedule: str, kmax: int) -> tuple[float, ...]:
+    return tuple(relaxation_weights(steps, eta, schedule, kmax))
 
 
 @functools.lru_cache(maxsize=64)
@@ -520,6 +524,7 @@ class GraphActivationRelaxation(Algorithm):
         self.units, self.owner, self.out_node = build_units(self.gm)
         self.unit_by_name = {u.name: u for u in self.units}
         self._params_of = {u.name: _own_params(self.gm, u) for u in self.units}
+        self._plan: tuple[list[str], set[str], str] | None = None
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
         self._fb_of: dict[str, str] = {}  # module target -> feedback key
@@ -604,18 +609,21 @@ class GraphActivationRelaxation(Algorithm):
     @torch.no_grad()
     def build(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
         o = self.options
-        relaxed: list[str] = []
-        rset: set[str] = set()
-        for u in self.units:
-            v = env[u.name]
-            if not (isinstance(v, Tensor) and v.is_floating_point()):
-                continue
-            if self._params_of[u.name] or any(self.owner[a.name] in rset for a in self._inputs(u)):
-                relaxed.append(u.name)
-                rset.add(u.name)
-        out = self.owner.get(self.out_node.name)
-        if out not in rset:
-            raise ConfigError("graph AR: the model output does not depend on any trainable parameter")
+        if self._plan is None:  # which units relax: fixed by the graph and the value types
+            relaxed: list[str] = []
+            rset: set[str] = set()
+            for u in self.units:
+                v = env[u.name]
+                if not (isinstance(v, Tensor) and v.is_floating_point()):
+                    continue
+                if self._params_of[u.name] or any(self.owner[a.name] in rset for a in self._inputs(u)):
+                    relaxed.append(u.name)
+                    rset.add(u.name)
+            out = self.owner.get(self.out_node.name)
+            if out not in rset:
+                raise ConfigError("graph AR: the model output does not depend on any trainable parameter")
+            self._plan = (relaxed, rset, out)
+        relaxed, rset, out = self._plan
         derivs: dict[str, Tensor | None] = {}
         push: dict[str, PushFn] = {}
         for name in relaxed:
