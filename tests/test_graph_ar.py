@@ -365,6 +365,15 @@ def test_untraceable_module_is_refused_naming_the_offending_operation():
     assert "if x.sum() > 0" in msg and "DataDependent" in msg and "torch.where" in msg
 
 
+def test_random_and_stateful_modules_are_refused():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2))
+    with pytest.raises(ConfigError, match="Dropout"):
+        build_algorithm("ar", net, build_loss("mse"))
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match="BatchNorm2d"):
+        build_algorithm("ar", net, build_loss("mse"))
+
+
 def test_bad_options_are_refused():
     model, loss = _model("resmlp", (6,)), build_loss("mse")
     with pytest.raises(ConfigError, match="derivative"):

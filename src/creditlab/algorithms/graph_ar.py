@@ -74,6 +74,9 @@ _ACT_FUNCTIONS = {torch.tanh, torch.relu, torch.sigmoid, F.relu, F.tanh, F.sigmo
                   F.elu, F.gelu, F.silu, F.softplus, F.hardtanh, F.relu6}
 _ACT_METHODS = {"tanh", "relu", "sigmoid"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_UNSUPPORTED_MODULES = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
+_UNSUPPORTED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.batch_norm,
+                          F.rrelu, torch.rand_like, torch.randn_like, torch.bernoulli}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 
 
@@ -235,6 +238,12 @@ def build_units(gm: fx.GraphModule) -> tuple[list[Unit], dict[str, str], fx.Node
             owner[n.name] = n.name
             continue
         kind, mod = _kind(gm, n)
+        if isinstance(mod, _UNSUPPORTED_MODULES) or (n.op == "call_function" and n.target in _UNSUPPORTED_FUNCTIONS):
+            what = type(mod).__name__ if mod is not None else getattr(n.target, "__name__", str(n.target))
+            raise ConfigError(
+                f"graph AR does not support {what} (node {n.name!r}, {n.op} {n.target}): its forward is random or "
+                "updates running statistics, so its Jacobian cannot be re-evaluated at the forward values; remove it "
+                "or train this model with bp")
         u = Unit(op=n, kind=kind, module=mod)
         for a in n.all_input_nodes:
             if a.op == "get_attr" and isinstance(_get_attr(gm, str(a.target)), nn.Parameter) \
@@ -258,6 +267,11 @@ def build_units(gm: fx.GraphModule) -> tuple[list[Unit], dict[str, str], fx.Node
 # per-batch relaxation problem
 # ----------------------------------------------------------------------------------------
 PushFn = Callable[[Tensor], dict[str, Tensor]]
+
+
+def _no_push(s: Tensor) -> dict[str, Tensor]:
+    """The push of a unit with no relaxing parent (e.g. the first layer)."""
+    return {}
 
 
 def _pool_with_indices(x: Tensor, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
@@ -361,6 +375,10 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
                 a = torch.zeros_like(rel.forward[u]).unsqueeze(0)
             star = a[0]
             e0 = init[u] - star
+            if rel.push[u] is _no_push:  # nothing to carry on: skip building the stack
+                wk = wall[1: a.shape[0]].reshape(-1, *([1] * star.dim()))
+                states[u] = star + wall[0] * e0 + (wk * a[1:]).sum(0)
+                continue
             s = torch.cat([star.unsqueeze(0), e0.unsqueeze(0), a[1:]], 0)
             wk = wall[: s.shape[0] - 1].reshape(-1, *([1] * star.dim()))
             states[u] = star + (wk * s[1:]).sum(0)
@@ -638,7 +656,7 @@ class GraphActivationRelaxation(Algorithm):
     def _make_push(self, u: Unit, env: dict[str, Any], rset: set[str], d: Tensor | None) -> PushFn:
         parents = [a for a in dict.fromkeys(self._inputs(u)) if self.owner[a.name] in rset]
         if not parents:
-            return lambda s: {}
+            return _no_push
         op = u.op
         if u.kind == "act":  # unfused elementwise activation: J^T v = f'(a) v (or v)
             dd = _act_derivative(self.gm, op, env[op.args[0].name], env[op.name]) if _uses(self.options["derivative"], "act") else None
