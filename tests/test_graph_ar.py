@@ -401,3 +401,12 @@ def test_cnn_models_accept_mnist_and_cifar_shapes():
     assert [(l.in_features, l.out_features) for l in linears] == [(4096, 64), (64, 120), (120, 10)]
     with pytest.raises(ConfigError, match="image"):
         build_named_model("lenet5", (784,), 10)
+
+
+def test_check_command_path_reports_zero_error_for_graph_models_and_user_factories():
+    from creditlab.check import run_check
+
+    for model, shape in (("resmlp", (6,)), ("creditlab.models.ar_nets:lenet5", (1, 28, 28))):
+        res = run_check("ar:steps=inf", model=model, dtype="float64", batch=4, in_shape=shape, classes=3)
+        assert res["algo"].startswith("graph_ar") and len(res["layers"]) >= 3
+        assert all(r["rel_error"] < 1e-12 for r in res["layers"]), res["layers"]
