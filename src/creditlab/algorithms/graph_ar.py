@@ -149,9 +149,8 @@ class Unit:
 
     op: fx.Node
     act: fx.Node | None = None
-    kind: str = "other"  # linear | conv | act | reshape | other
+    kind: str = "other"  # linear | conv | maxpool | add | cat | reshape | act | other
     module: nn.Module | None = None
-    parents: list[str] = field(default_factory=list)  # relaxed input units (state node names)
     param_inputs: list[fx.Node] = field(default_factory=list)  # get_attr parameters used by op
 
     @property
