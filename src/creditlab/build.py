@@ -37,9 +37,11 @@ def output_size(cfg: dict, data: Dataset) -> int:
     return data.in_features if cfg["task"] == "autoencode" else data.num_classes
 
 
-def mlp_for(algo: str | None, sizes: list[int], act, out_act: str, bias: bool, init: str) -> nn.Module:
-    """The model for a layer spec: the algorithm's own (``model_from_arch``) or a plain MLP."""
-    if algo:
+def mlp_for(algos: str | list[str] | None, sizes: list[int], act, out_act: str, bias: bool, init: str) -> nn.Module:
+    """The model for a layer spec: the first of ``algos`` that builds its own
+    (``model_from_arch``, e.g. GAIT-prop's invertible net), else a plain MLP. A comparison passes
+    all its algorithms, so every run trains the same kind of model."""
+    for algo in [algos] if isinstance(algos, str) else (algos or []):
         model = algorithm_class(parse_spec(algo)[0]).model_from_arch(sizes, act, out_act, bias, init)
         if model is not None:
             return model
@@ -62,7 +64,7 @@ def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Modu
         if sizes[-1] != num_out:
             what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
             raise ConfigError(f"model.arch {m['arch']!r} ends with {sizes[-1]} outputs but the data has {num_out} {what}")
-        model = mlp_for(cfg["algo"], sizes, m["act"], m["out_act"], m["bias"], m["init"])
+        model = mlp_for([cfg["algo"], *cfg["algos"]], sizes, m["act"], m["out_act"], m["bias"], m["init"])
     return model.to(device=resolve_device(cfg["device"]), dtype=DTYPES[cfg["dtype"]])
 
 

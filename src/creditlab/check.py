@@ -16,7 +16,7 @@ from creditlab.models import build_named_model, parse_arch
 
 def make_model(arch: str | None, model: str | None, act: str, out_act: str, bias: bool, init: str,
                in_shape: tuple[int, ...], classes: int, options: dict | None = None,
-               algo: str | None = None) -> torch.nn.Module:
+               algo: str | list[str] | None = None) -> torch.nn.Module:
     if (arch is None) == (model is None):
         raise ConfigError("give exactly one of --arch (a layer spec) or --model (a built-in model name)")
     if arch is not None:
