@@ -245,3 +245,19 @@ def test_augmentation_crops_and_flips_reproducibly():
 def test_unknown_dataset_is_refused_listing_the_valid_ones():
     with pytest.raises(ConfigError, match="mnist, fashion-mnist, cifar10"):
         load_dataset("imagenet")
+
+
+def test_cifar100_reads_the_official_layout_with_fine_labels(tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDITLAB_DATA", raising=False)
+    folder = tmp_path / "cifar100" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    x_tr, y_tr = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8), rng.integers(0, 100, 12)
+    x_te, y_te = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 100, 4)
+    write_cifar_batch(folder / "train", x_tr, y_tr, "fine_labels")
+    write_cifar_batch(folder / "test", x_te, y_te, "fine_labels")
+    d = load_dataset("cifar100", data_dir=tmp_path, val_size=2, allow_download=False)
+    assert d.num_classes == 100 and d.x_train.shape == (10, 3, 32, 32)
+    assert d.y_test.tolist() == y_te.tolist()
+    with pytest.raises(DataError, match="cifar-100-python.tar.gz  md5 eb9058c3"):
+        load_dataset("cifar100", data_dir=tmp_path / "nothing", allow_download=False)
