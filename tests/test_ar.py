@@ -226,6 +226,7 @@ def test_random_feedback_is_fixed_and_not_trained():
 @pytest.mark.parametrize("spec,msg", [
     ("ar:mode=fast", "mode"), ("ar:steps=-1", "steps"), ("ar:eta=0", "eta"),
     ("ar:mode=simulate,steps=inf", "finite"), ("ar:feedback=magic", "feedback"), ("ar:colour=red", "valid options"),
+    ("ar:derivative=no_conv", "true or false"),
 ])
 def test_bad_ar_options_are_refused_with_the_valid_ones(spec, msg):
     from creditlab.errors import ConfigError

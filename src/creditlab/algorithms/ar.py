@@ -260,6 +260,10 @@ class ActivationRelaxation(Algorithm):
             raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
         if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
             raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
+        for key in ("derivative", "update_derivative"):
+            if not isinstance(o[key], bool):
+                raise ConfigError(f"ar option {key}={o[key]!r} on an MLP must be true or false "
+                                  "(no_conv / no_fc apply to graph models with conv layers)")
         self.feedback: nn.ParameterList | None = None
         if o["feedback"] != "transpose":
             kw = self.factory_kwargs()
