@@ -7,6 +7,15 @@ from torch import nn
 from creditlab.errors import ConfigError
 from creditlab.models.locally_connected import LocallyConnected2d, parameter_count
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared CPU cores: intra-op threading only adds contention for these small nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.mark.parametrize("k,stride,size", [(3, 1, 7), (3, 2, 8), (5, 2, 9), (1, 1, 4)])
 def test_locally_connected_with_tied_filters_equals_conv2d(k, stride, size):

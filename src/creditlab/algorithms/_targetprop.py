@@ -305,7 +305,7 @@ class TargetPropagation(Algorithm):
         """One group for the inverses with their own Adam hyper-parameters (inv_lr, inv_beta1,
         inv_beta2, inv_eps; unset ones follow the optimizer's)."""
         o = self.options
-        group: dict[str, Any] = {"params": list(self.inverses.parameters()), "lr": float(o["inv_lr"] if o["inv_lr"] is not None else lr)}
+        group: dict[str, Any] = {"name": "inverses", "params": list(self.inverses.parameters()), "lr": float(o["inv_lr"] if o["inv_lr"] is not None else lr)}
         if o["inv_beta1"] is not None or o["inv_beta2"] is not None:
             group["betas"] = (float(o["inv_beta1"] if o["inv_beta1"] is not None else 0.9),
                               float(o["inv_beta2"] if o["inv_beta2"] is not None else 0.999))
