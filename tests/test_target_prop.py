@@ -234,3 +234,27 @@ def test_target_prop_trains_mnist_mini_above_chance(spec, epochs, tmp_path):
            "log_every": 0, "threads": 1}
     s = train(cfg, tmp_path, progress=False)
     assert s["val_accuracy"] > 0.3  # chance is 0.1; bp reaches ~0.85 in this budget, tp ~0.4
+
+
+def test_sdtp_and_aosdtp_targets_follow_the_difference_correction_formulas():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    onehot = nn.functional.one_hot(y, 3).double()
+    for spec in ("sdtp", "aosdtp:aux=7"):
+        model = MLP("5-6-4-3", act="tanh", out_act="softmax").double()
+        algo = build_algorithm(spec, model, build_loss("cross_entropy"))
+        hs = _forward(algo, x)
+        t = algo.targets(hs, y)
+        g2, g1 = algo.inverse(2), algo.inverse(1)
+        o = torch.softmax(hs[3], 1)
+        if spec == "sdtp":
+            top, top_hat = o, onehot
+        else:
+            z = torch.tanh(hs[2] @ algo.aux.t())  # fixed random features of h_{L-1}
+            top, top_hat = torch.cat([o, z], 1), torch.cat([onehot, z], 1)
+        assert torch.allclose(g2(top, hs[2].shape), torch.tanh(top @ g2.weight + g2.bias))  # g = tanh(V^T h + c)
+        expected2 = hs[2] - g2(top, hs[2].shape) + g2(top_hat, hs[2].shape)
+        assert torch.allclose(t[2], expected2, atol=1e-12)
+        expected1 = g1(t[2], hs[1].shape) + hs[1] - g1(hs[2], hs[1].shape)
+        assert torch.allclose(t[1], expected1, atol=1e-12)
+        assert torch.equal(t[3], onehot)
