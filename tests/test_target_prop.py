@@ -134,12 +134,14 @@ def test_inverse_training_reduces_reconstruction_error_on_a_fixed_net(spec):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(algo.param_groups(3e-2))  # inverses only: the net stays fixed
     x, y = torch.randn(64, 10), torch.randint(0, 5, (64,))
-    first = algo.step(x, y).extras
+    algo.step(x, y)
+    first = algo.diagnostics()
     for _ in range(60):
         opt.zero_grad(set_to_none=True)
         algo.step(x, y)
         opt.step()
-    last = algo.step(x, y).extras
+    algo.step(x, y)
+    last = algo.diagnostics()
     for k in first:
         assert last[k] < 0.8 * first[k], (k, first[k], last[k])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -205,9 +207,9 @@ def test_target_prop_runs_on_locally_connected_nets(spec):
     torch.manual_seed(0)
     model = build_named_model("mnist-lc", (1, 12, 12), 10)
     algo = build_algorithm(spec, model, build_loss("cross_entropy"))
-    res = algo.step(torch.rand(3, 1, 12, 12), torch.randint(0, 10, (3,)))
+    algo.step(torch.rand(3, 1, 12, 12), torch.randint(0, 10, (3,)))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert set(res.extras) == {"recon_err/layer1", "recon_err/layer2", "recon_err/layer3"}
+    assert set(algo.diagnostics()) == {"recon_err/layer1", "recon_err/layer2", "recon_err/layer3"}
 
 
 def test_target_prop_state_dict_round_trip():

@@ -135,7 +135,7 @@ class TargetPropagation(Algorithm):
         self.phase = "both" if self.schedule == "parallel" else self.first
         self.aux_act = make_activation(str(o.get("aux_act", "tanh")))
         self.n_aux = int(o.get("aux", 0))
-        self._recon: dict[str, float] = {}
+        self._last_hs: list[Tensor] | None = None
         self._build()
 
     # ---- building ------------------------------------------------------------------------
@@ -185,10 +185,11 @@ class TargetPropagation(Algorithm):
         assert self.aux is not None
         return self.aux_act(h.reshape(h.shape[0], -1) @ self.aux.t())
 
-    def top_input(self, h_pen: Tensor, out_activity: Tensor) -> Tensor:
-        """What the last inverse reads: h_L, or [o, z] for AO-SDTP."""
+    def top_input(self, h_pen: Tensor, out_activity: Tensor, z: Tensor | None = None) -> Tensor:
+        """What the last inverse reads: h_L, or [o, z] for AO-SDTP (``z`` = the auxiliary
+        features of ``h_pen``, computed here unless given)."""
         if self.penultimate == "aux":
-            return torch.cat([out_activity, self.aux_features(h_pen)], dim=1)
+            return torch.cat([out_activity, self.aux_features(h_pen) if z is None else z], dim=1)
         return out_activity
 
     def penultimate_gradient(self, h_pen: Tensor, y: Tensor) -> Tensor:
@@ -210,9 +211,10 @@ class TargetPropagation(Algorithm):
             t[L - 1] = hs[L - 1] - self.alpha * self.penultimate_gradient(hs[L - 1], y)
         else:
             g, shape = self.inverse(L - 1), hs[L - 1].shape
-            hat_top = self.top_input(hs[L - 1], t[L])
+            z = self.aux_features(hs[L - 1]) if self.penultimate == "aux" else None
+            hat_top = self.top_input(hs[L - 1], t[L], z)
             if self.correction:
-                t[L - 1] = hs[L - 1] - g(self.top_input(hs[L - 1], out_act), shape) + g(hat_top, shape)
+                t[L - 1] = hs[L - 1] - g(self.top_input(hs[L - 1], out_act, z), shape) + g(hat_top, shape)
             else:
                 t[L - 1] = g(hat_top, shape)
         for i in range(L - 2, 0, -1):
@@ -293,8 +295,8 @@ class TargetPropagation(Algorithm):
                 total.backward()
         with torch.no_grad():
             task = self.loss(hs[L], y)
-        self._recon = self.reconstruction_errors(hs)
-        return StepResult(task.detach(), hs[L], dict(self._recon))
+        self._last_hs = hs
+        return StepResult(task.detach(), hs[L])
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.schedule == "alternating":
@@ -314,7 +316,9 @@ class TargetPropagation(Algorithm):
         return [group]
 
     def diagnostics(self) -> dict[str, float]:
-        return dict(self._recon)
+        """Reconstruction error of every inverse on the last batch (computed on demand: the loop
+        asks only at its logging steps, so training steps do not pay for it)."""
+        return self.reconstruction_errors(self._last_hs) if self._last_hs is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"phase": self.phase,
