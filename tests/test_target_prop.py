@@ -202,10 +202,11 @@ def test_local_losses_stop_gradients_at_the_layer_input():
     assert torch.allclose(w.grad, g, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec", ["dtp", "sdtp", "aosdtp:aux=32", "tp"])
-def test_target_prop_runs_on_locally_connected_nets(spec):
+@pytest.mark.parametrize("spec,net", [("dtp", "mnist-lc"), ("sdtp", "mnist-lc"), ("aosdtp:aux=32", "mnist-lc"),
+                                      ("tp", "mnist-lc"), ("sdtp", "mnist-conv")])
+def test_target_prop_runs_on_locally_connected_and_conv_nets(spec, net):
     torch.manual_seed(0)
-    model = build_named_model("mnist-lc", (1, 12, 12), 10)
+    model = build_named_model(net, (1, 12, 12), 10)
     algo = build_algorithm(spec, model, build_loss("cross_entropy"))
     algo.step(torch.rand(3, 1, 12, 12), torch.randint(0, 10, (3,)))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -260,3 +261,20 @@ def test_sdtp_and_aosdtp_targets_follow_the_difference_correction_formulas():
         expected1 = g1(t[2], hs[1].shape) + hs[1] - g1(hs[2], hs[1].shape)
         assert torch.allclose(t[1], expected1, atol=1e-12)
         assert torch.equal(t[3], onehot)
+
+
+def test_locally_connected_inverse_is_the_transpose_of_the_forward_layer():
+    from creditlab.algorithms._targetprop import Inverse
+    from creditlab.models import make_activation
+    from creditlab.models.locally_connected import LocallyConnected2d
+
+    torch.manual_seed(0)
+    lc = LocallyConnected2d(2, 3, 3, 2, in_size=7).double()
+    g = Inverse(lc, make_activation("linear"), lc.weight.shape, "xavier", dtype=torch.float64)
+    with torch.no_grad():
+        g.weight.copy_(lc.weight)  # V = W: g(h) = W^T h + c, the sparsity of W^T
+        g.bias.normal_()
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 3, *lc.out_size, dtype=torch.float64)
+    (vjp,) = torch.autograd.grad(lc(x), x, h)
+    assert torch.allclose(g(h, x.shape), vjp + g.bias, atol=1e-12)
