@@ -2,7 +2,8 @@
 augmentation.
 
 Names: ``mnist``, ``fashion-mnist`` (IDX gz files), ``cifar10`` (``cifar10.npz``, the
-official ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``), ``mnist-mini``
+official ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``), ``cifar100``
+(``cifar-100-python.tar.gz`` or ``cifar-100-python/``, fine labels), ``mnist-mini``
 (a real MNIST subset shipped in the package) and ``fake`` (small synthetic data for tests:
 ``fake:n=512,classes=10,shape=1x8x8``).
 
@@ -24,12 +25,13 @@ import torch
 from torch import Tensor
 
 from creditlab.data import files
-from creditlab.data.readers import IDX_IMAGES, IDX_LABELS, read_cifar_batches, read_cifar_npz, read_idx
+from creditlab.data.readers import IDX_IMAGES, IDX_LABELS, read_cifar100, read_cifar_batches, read_cifar_npz, read_idx
 from creditlab.errors import ConfigError, DataError
 from creditlab.spec import check_options, parse_spec
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-mini", "fake")
-DEFAULT_VAL = {"mnist": 10000, "fashion-mnist": 10000, "cifar10": 5000, "mnist-mini": 2000, "fake": 0.2}
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "mnist-mini", "fake")
+DEFAULT_VAL = {"mnist": 10000, "fashion-mnist": 10000, "cifar10": 5000, "cifar100": 5000, "mnist-mini": 2000,
+               "fake": 0.2}
 MNIST_MINI_FILE = "mnist_mini.npz"
 MNIST_MINI_MD5 = "8e832fdbc5feebaeaf0490e85765854b"  # md5 of the shipped file (scripts/make_mnist_mini.py)
 
@@ -106,6 +108,16 @@ def _load_cifar10(data_dir, allow_download: bool):
     return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
 
 
+def _load_cifar100(data_dir, allow_download: bool):
+    for d in files.candidate_dirs("cifar100", data_dir):
+        if (d / "cifar-100-python").is_dir():
+            a = read_cifar100(d / "cifar-100-python")
+            return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+    (tarball,) = files.ensure_files("cifar100", (files.CIFAR100_TARBALL,), data_dir, allow_download)
+    a = read_cifar100(tarball)
+    return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+
+
 def mnist_mini_path() -> Path:
     return Path(str(resources.files("creditlab.data").joinpath(MNIST_MINI_FILE)))
 
@@ -148,6 +160,8 @@ def load_dataset(name: str, data_dir=None, val_size: int | float | None = None,
         arrays = _load_idx_set("fashion-mnist", files.FASHION_FILES, data_dir, allow_download)
     elif base == "cifar10":
         arrays = _load_cifar10(data_dir, allow_download)
+    elif base == "cifar100":
+        arrays, classes = _load_cifar100(data_dir, allow_download), 100
     elif base == "mnist-mini":
         arrays = _load_mnist_mini()
     elif base == "fake":

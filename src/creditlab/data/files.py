@@ -41,6 +41,7 @@ FASHION_FILES = (
     FileSpec("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", 5148),
 )
 CIFAR10_TARBALL = FileSpec("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170498071)
+CIFAR100_TARBALL = FileSpec("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 169001437)
 
 MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": (
@@ -49,6 +50,7 @@ MIRRORS: dict[str, tuple[str, ...]] = {
     ),
     "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/",),
 }
 
 

@@ -14,6 +14,7 @@ import io
 import pickle
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -54,32 +55,31 @@ def parse_idx(raw: bytes, magic: int, count: int | None, where: str) -> np.ndarr
     return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
-def _unpickle(data: bytes, where: str) -> dict:
+def _unpickle(data: bytes, where: str, label_key: str = "labels", classes: int = 10) -> dict:
     try:
         d = pickle.loads(data, encoding="bytes")
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataError(f"{where}: not a CIFAR-10 python batch ({e})") from None
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise DataError(f"{where}: CIFAR-10 batch without 'data'/'labels' keys")
+    if "data" not in d or label_key not in d:
+        raise DataError(f"{where}: CIFAR batch without 'data'/'{label_key}' keys")
     x = np.asarray(d["data"], dtype=np.uint8)
-    y = np.asarray(d["labels"], dtype=np.int64)
+    y = np.asarray(d[label_key], dtype=np.int64)
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != x.shape[0]:
         raise DataError(f"{where}: data of shape {x.shape} with {len(y)} labels; expected (N, 3072) and N labels")
-    if y.size and (y.min() < 0 or y.max() > 9):
-        raise DataError(f"{where}: labels outside 0..9")
+    if y.size and (y.min() < 0 or y.max() > classes - 1):
+        raise DataError(f"{where}: labels outside 0..{classes - 1}")
     return {"x": x.reshape(-1, 3, 32, 32), "y": y}
 
 
-def read_cifar_batches(source: Path) -> dict[str, np.ndarray]:
-    """From the official tarball or an extracted ``cifar-10-batches-py`` folder: NCHW uint8."""
+def _read_members(source: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
+    """The named files of an extracted folder or of the official tarball."""
     blobs: dict[str, bytes] = {}
-    wanted = CIFAR_TRAIN_BATCHES + (CIFAR_TEST_BATCH,)
     if source.is_dir():
         for name in wanted:
             p = source / name
             if not p.is_file():
-                raise DataError(f"{source}: missing {name}; expected the extracted cifar-10-batches-py folder")
+                raise DataError(f"{source}: missing {name}; expected the extracted official folder")
             blobs[name] = p.read_bytes()
     else:
         try:
@@ -93,12 +93,26 @@ def read_cifar_batches(source: Path) -> dict[str, np.ndarray]:
         lost = [n for n in wanted if n not in blobs]
         if lost:
             raise DataError(f"{source}: tarball lacks {', '.join(lost)}")
+    return blobs
+
+
+def read_cifar_batches(source: Path) -> dict[str, np.ndarray]:
+    """CIFAR-10 from the official tarball or an extracted ``cifar-10-batches-py`` folder: NCHW uint8."""
+    blobs = _read_members(source, CIFAR_TRAIN_BATCHES + (CIFAR_TEST_BATCH,))
     train = [_unpickle(blobs[n], f"{source}:{n}") for n in CIFAR_TRAIN_BATCHES]
     test = _unpickle(blobs[CIFAR_TEST_BATCH], f"{source}:{CIFAR_TEST_BATCH}")
     return {
         "x_train": np.concatenate([b["x"] for b in train]), "y_train": np.concatenate([b["y"] for b in train]),
         "x_test": test["x"], "y_test": test["y"],
     }
+
+
+def read_cifar100(source: Path) -> dict[str, np.ndarray]:
+    """CIFAR-100 (fine labels) from ``cifar-100-python.tar.gz`` or its extracted folder."""
+    blobs = _read_members(source, ("train", "test"))
+    train = _unpickle(blobs["train"], f"{source}:train", "fine_labels", 100)
+    test = _unpickle(blobs["test"], f"{source}:test", "fine_labels", 100)
+    return {"x_train": train["x"], "y_train": train["y"], "x_test": test["x"], "y_test": test["y"]}
 
 
 def read_cifar_npz(path: Path, expect_train: int | None = 50000, expect_test: int | None = 10000) -> dict[str, np.ndarray]:
@@ -108,7 +122,7 @@ def read_cifar_npz(path: Path, expect_train: int | None = 50000, expect_test: in
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as e:
         raise DataError(f"{path}: missing array {e}; expected x_train, y_train, x_test, y_test") from None
-    except (OSError, ValueError, zlib.error, EOFError) as e:
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupted") from None
     for split, n in (("train", expect_train), ("test", expect_test)):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -125,9 +139,9 @@ def read_cifar_npz(path: Path, expect_train: int | None = 50000, expect_test: in
     return arrays
 
 
-def write_cifar_batch(path: Path, x_nchw: np.ndarray, y: np.ndarray) -> None:
+def write_cifar_batch(path: Path, x_nchw: np.ndarray, y: np.ndarray, label_key: str = "labels") -> None:
     """Write one batch in the official python-pickle layout (used by tests and tools)."""
-    d = {b"batch_label": b"creditlab", b"labels": [int(v) for v in y],
+    d = {b"batch_label": b"creditlab", label_key.encode(): [int(v) for v in y],
          b"data": x_nchw.reshape(len(x_nchw), -1).astype(np.uint8), b"filenames": [b"x.png"] * len(y)}
     path.write_bytes(pickle.dumps(d, protocol=2))
 
