@@ -1,0 +1,343 @@
+"""Shared machinery of the target-propagation family (Bartunov et al. 2018, §2.1.2, Algorithm 1;
+Lee et al. 2015): ``tp``, ``dtp``, ``sdtp`` and ``aosdtp``.
+
+Network: h_0 = x, h_{l+1} = f_l(h_l) = sigma_l(layer_l(h_l)) for l = 0..L-1 (code indices; the
+paper's layer l+1); the output activity h_L is softmax(logits) for a cross-entropy loss, the
+model output otherwise. Layer l >= 1 has a learned inverse
+
+    g_l(h_{l+1}) = sigma_{l-1}(V_l^T h_{l+1} + c_l)  ~  f_l^{-1}(h_{l+1}),
+
+"parameterised like the forward layer": V_l has W_l's shape and is applied as a transpose of
+layer_l (a matrix transpose for Linear, a transposed convolution for Conv2d, and for a
+LocallyConnected2d the adjoint LC map with the sparsity of W^T, the paper's §5.4). Layer 0 has
+no inverse.
+
+Targets (computed without gradients, except DTP's penultimate one):
+  * tp:     h^_l = g_{l+1}(h^_{l+1}),                       h^_L = argmin loss (the label)
+  * dtp:    h^_l = g_{l+1}(h^_{l+1}) + h_l - g_{l+1}(h_{l+1}),  h^_{L-1} = h_{L-1} - alpha dL/dh_{L-1}
+  * sdtp:   difference correction down from h^_L = argmin loss (no gradient anywhere)
+  * aosdtp: h_L = [o, z] with z = tanh(A h_{L-1}) fixed random features; h^_{L-1} = h_{L-1} -
+            g(o, z) + g(o^, z), then difference correction.
+Forward loss of layer l < L-1: ||f_l(h_l) - h^_{l+1}||^2 (sum over units, mean over the batch),
+gradient stopped at h_l; the output layer minimises the task loss with its input detached.
+Inverse loss of layer l: ||h~ - g_l(f_l(h~))||^2 (``noise-preserving``, DTP) or
+||h - g_l(f_l(h~))||^2 (``denoise``, SDTP), h~ = h + N(0, sigma^2), forward parameters fixed.
+
+Schedules: ``parallel`` (both losses on every batch) or ``alternating`` (one full epoch of one
+loss, then one of the other, as the original DTP code; ``first`` says which comes first).
+Forward parameters use the loop's optimizer settings; the inverses get their own Adam
+hyper-parameters through :meth:`param_groups` (``inv_lr``, ``inv_beta1``, ``inv_beta2``,
+``inv_eps``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from creditlab.algorithms import Algorithm, StepResult
+from creditlab.algorithms._feedback import layer_fans, layer_forward, transpose_apply
+from creditlab.errors import ConfigError
+from creditlab.losses import CrossEntropyLoss, Loss, as_targets
+from creditlab.models.activations import Activation, make_activation
+from creditlab.models.init import init_weight_
+from creditlab.models.locally_connected import LocallyConnected2d
+from creditlab.spec import choice
+
+TP_LAYER_TYPES = (nn.Linear, nn.Conv2d, LocallyConnected2d)
+
+
+def layer_input(layer: nn.Module, h: Tensor) -> Tensor:
+    """A Linear layer flattens a spatial input (as MLP and LayerStack do)."""
+    return h.flatten(1) if isinstance(layer, nn.Linear) and h.dim() > 2 else h
+
+
+def require_chain(model: nn.Module, algo: str) -> tuple[list[nn.Module], list[Activation]]:
+    """The model's ``layers`` and ``acts`` (an MLP or a Bartunov LayerStack)."""
+    layers = getattr(model, "layers", None)
+    acts = getattr(model, "acts", None)
+    if layers is None or acts is None or len(layers) != len(acts):
+        raise ConfigError(
+            f"algorithm {algo!r} needs a layer chain with .layers and .acts (an MLP from --arch, or a Bartunov model "
+            f"such as mnist-fc, mnist-lc, cifar-lc), got {type(model).__name__}"
+        )
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, TP_LAYER_TYPES):
+            raise ConfigError(f"algorithm {algo!r}: layer {i} is {type(layer).__name__}; supported: Linear, Conv2d, "
+                              "LocallyConnected2d")
+    if len(layers) < 2:
+        raise ConfigError(f"algorithm {algo!r} needs at least two layers (one hidden layer)")
+    return list(layers), list(acts)  # type: ignore[arg-type]
+
+
+class Inverse(nn.Module):
+    """g(h) = sigma(V^T h + c) with V of the forward weight's shape (for AO-SDTP's top layer:
+    [W; aux] rows) and c per input feature (Linear), per channel (Conv2d) or per position and
+    channel (LocallyConnected2d). ``forward(h, shape)`` returns a tensor of ``shape``, the shape of
+    the activity it reconstructs."""
+
+    def __init__(self, layer: nn.Module, act: Activation, weight_shape: torch.Size, init: str, **fk: Any):
+        super().__init__()
+        self.layer = [layer]  # a list, not a submodule: the forward layer's parameters are not ours
+        self.act = act
+        self.weight = nn.Parameter(torch.empty(weight_shape, **fk))
+        if isinstance(layer, nn.Linear):
+            bias_shape: tuple[int, ...] = (layer.in_features,)
+        elif isinstance(layer, nn.Conv2d):
+            bias_shape = (layer.in_channels, 1, 1)
+        else:
+            bias_shape = (layer.in_channels, *layer.in_size)
+        self.bias = nn.Parameter(torch.zeros(bias_shape, **fk))
+        if tuple(weight_shape) == tuple(layer.weight.shape):
+            fan_in, fan_out = layer_fans(layer)
+        else:
+            fan_in, fan_out = int(weight_shape[1]), int(weight_shape[0])
+        with torch.no_grad():  # the inverse maps outputs to inputs: the forward fans swapped
+            init_weight_(self.weight, init, fan_in=fan_out, fan_out=fan_in)
+
+    def forward(self, h: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        n = h.shape[0]
+        layer = self.layer[0]
+        if isinstance(layer, nn.Linear):
+            pre = (h.reshape(n, -1) @ self.weight + self.bias).reshape(shape)
+        else:
+            pre = transpose_apply(layer, h, self.weight, torch.Size(shape)) + self.bias
+        return self.act(pre)
+
+
+class TargetPropagation(Algorithm):
+    """Base of tp, dtp, sdtp, aosdtp; subclasses set ``name``, ``penultimate``, ``correction``
+    and the defaults."""
+
+    penultimate: ClassVar[str] = "inverse"  # inverse | gradient | aux
+    correction: ClassVar[bool] = True
+    base_defaults: ClassVar[dict[str, Any]] = {
+        "schedule": "parallel", "first": "inverse", "sigma": 0.1, "inverse_loss": "denoise",
+        "inv_lr": None, "inv_beta1": None, "inv_beta2": None, "inv_eps": None, "inv_init": "xavier",
+    }
+    divergence_hint = "lower the forward learning rate or the inverse learning rate (inv_lr), or the noise sigma"
+
+    def __init__(self, model: nn.Module, loss: Loss, **options: Any):
+        super().__init__(model, loss, **options)
+        o = self.options
+        self.schedule = choice(f"algorithm {self.name}", "schedule", o["schedule"], ("parallel", "alternating"))
+        self.first = choice(f"algorithm {self.name}", "first", o["first"], ("inverse", "forward"))
+        self.inverse_loss = choice(f"algorithm {self.name}", "inverse_loss", o["inverse_loss"],
+                                   ("denoise", "preserve"))
+        self.sigma = float(o["sigma"])
+        if self.sigma < 0:
+            raise ConfigError(f"algorithm {self.name}: sigma={self.sigma} must be >= 0 (noise standard deviation)")
+        self.alpha = float(o.get("alpha", 0.0))
+        self.layers, self.acts = require_chain(model, self.name)
+        self.phase = "both" if self.schedule == "parallel" else self.first
+        self.aux_act = make_activation(str(o.get("aux_act", "tanh")))
+        self.n_aux = int(o.get("aux", 0))
+        self._last_hs: list[Tensor] | None = None
+        self._build()
+
+    # ---- building ------------------------------------------------------------------------
+    def _build(self) -> None:
+        fk = self.factory_kwargs()
+        L = len(self.layers)
+        inv = []
+        for i in range(1, L):
+            layer = self.layers[i]
+            wshape = layer.weight.shape
+            if i == L - 1 and self.penultimate == "aux":
+                if not isinstance(layer, nn.Linear):
+                    raise ConfigError(f"algorithm {self.name}: the output layer must be Linear for auxiliary outputs")
+                if self.n_aux < 1:
+                    raise ConfigError(f"algorithm {self.name}: aux={self.n_aux} must be >= 1 auxiliary units")
+                wshape = torch.Size((wshape[0] + self.n_aux, wshape[1]))
+            inv.append(Inverse(layer, self.acts[i - 1], wshape, str(self.options["inv_init"]), **fk))
+        self.inverses = nn.ModuleList(inv)
+        self.aux: Tensor | None = None
+        if self.penultimate == "aux":
+            n_in = self.layers[L - 1].in_features
+            self.aux = init_weight_(torch.empty(self.n_aux, n_in, **fk), "xavier")
+
+    def inverse(self, i: int) -> Inverse:
+        """g_i, the inverse of layer i (i = 1..L-1)."""
+        return self.inverses[i - 1]  # type: ignore[return-value]
+
+    # ---- the network's pieces -------------------------------------------------------------
+    def f(self, i: int, h: Tensor, detach_params: bool = False) -> Tensor:
+        """f_i(h) = sigma_i(layer_i(h)), optionally with the layer's parameters detached."""
+        layer = self.layers[i]
+        x = layer_input(layer, h)
+        if detach_params:
+            b = layer.bias.detach() if layer.bias is not None else None
+            return self.acts[i](layer_forward(layer, x, layer.weight.detach(), b))
+        return self.acts[i](layer(x))
+
+    def output_activity(self, out: Tensor) -> Tensor:
+        """h_L: the softmax of the logits for cross-entropy, the output itself otherwise."""
+        return torch.softmax(out, dim=1) if isinstance(self.loss, CrossEntropyLoss) else out
+
+    def output_target(self, out: Tensor, y: Tensor) -> Tensor:
+        """h^_L = argmin over h_L of the loss: the one-hot label (or the dense target)."""
+        return as_targets(y, out)
+
+    def aux_features(self, h: Tensor) -> Tensor:
+        assert self.aux is not None
+        return self.aux_act(h.reshape(h.shape[0], -1) @ self.aux.t())
+
+    def top_input(self, h_pen: Tensor, out_activity: Tensor, z: Tensor | None = None) -> Tensor:
+        """What the last inverse reads: h_L, or [o, z] for AO-SDTP (``z`` = the auxiliary
+        features of ``h_pen``, computed here unless given)."""
+        if self.penultimate == "aux":
+            return torch.cat([out_activity, self.aux_features(h_pen) if z is None else z], dim=1)
+        return out_activity
+
+    def penultimate_gradient(self, h_pen: Tensor, y: Tensor) -> Tensor:
+        """dL/dh_{L-1} through the output layer only, L summed over the batch (per-sample targets)."""
+        leaf = h_pen.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.loss.per_sample(self.f(len(self.layers) - 1, leaf, detach_params=True), y).sum()
+            (g,) = torch.autograd.grad(value, leaf)
+        return g
+
+    @torch.no_grad()
+    def targets(self, hs: list[Tensor], y: Tensor) -> list[Tensor | None]:
+        """[None, h^_1, ..., h^_{L-1}, h^_L] from the detached forward activities ``hs``."""
+        L = len(self.layers)
+        t: list[Tensor | None] = [None] * (L + 1)
+        out_act = self.output_activity(hs[L])
+        t[L] = self.output_target(hs[L], y)
+        if self.penultimate == "gradient":
+            t[L - 1] = hs[L - 1] - self.alpha * self.penultimate_gradient(hs[L - 1], y)
+        else:
+            g, shape = self.inverse(L - 1), hs[L - 1].shape
+            z = self.aux_features(hs[L - 1]) if self.penultimate == "aux" else None
+            hat_top = self.top_input(hs[L - 1], t[L], z)
+            if self.correction:
+                t[L - 1] = hs[L - 1] - g(self.top_input(hs[L - 1], out_act, z), shape) + g(hat_top, shape)
+            else:
+                t[L - 1] = g(hat_top, shape)
+        for i in range(L - 2, 0, -1):
+            g, shape = self.inverse(i), hs[i].shape
+            t_up = t[i + 1]
+            assert t_up is not None
+            if self.correction:
+                t[i] = g(t_up, shape) + hs[i] - g(hs[i + 1], shape)
+            else:
+                t[i] = g(t_up, shape)
+        return t
+
+    # ---- losses -------------------------------------------------------------------------
+    def forward_losses(self, hs_graph: list[Tensor], t: list[Tensor | None], y: Tensor) -> Tensor:
+        """Sum of the layers' local losses; ``hs_graph[i+1]`` = f_i(h_i.detach()) with graph."""
+        L = len(self.layers)
+        total = self.loss(hs_graph[L], y)
+        n = hs_graph[0].shape[0]
+        for i in range(L - 1):
+            target = t[i + 1]
+            assert target is not None
+            total = total + ((hs_graph[i + 1] - target.reshape(hs_graph[i + 1].shape)) ** 2).sum() / n
+        return total
+
+    def inverse_losses(self, hs: list[Tensor]) -> Tensor:
+        """Sum over l = 1..L-1 of ||target - g_l(f_l(h~_l))||^2 / batch, forward parameters fixed."""
+        L = len(self.layers)
+        n = hs[0].shape[0]
+        total = hs[0].new_zeros(())
+        for i in range(1, L):
+            h = hs[i]
+            ht = h + self.sigma * torch.randn_like(h) if self.sigma > 0 else h
+            fh = self.f(i, ht, detach_params=True)
+            if i == L - 1:
+                fh = self.top_input(ht, self.output_activity(fh))
+            rec = self.inverse(i)(fh, h.shape)
+            target = ht if self.inverse_loss == "preserve" else h
+            total = total + ((rec - target) ** 2).sum() / n
+        return total
+
+    @torch.no_grad()
+    def reconstruction_errors(self, hs: list[Tensor]) -> dict[str, float]:
+        """||h_l - g_l(f_l(h_l))||^2 / ||h_l||^2 for every inverse, on the clean activities."""
+        L = len(self.layers)
+        out = {}
+        for i in range(1, L):
+            top = self.top_input(hs[i], self.output_activity(hs[i + 1])) if i == L - 1 else hs[i + 1]
+            rec = self.inverse(i)(top, hs[i].shape)
+            h = hs[i]
+            denom = float((h ** 2).sum())
+            out[f"recon_err/layer{i}"] = float(((rec - h) ** 2).sum()) / denom if denom > 0 else math.nan
+        return out
+
+    # ---- the interface --------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        for p in self.params():
+            p.grad = None
+        L = len(self.layers)
+        with torch.enable_grad():
+            hs_graph = [x]
+            for i in range(L):
+                hs_graph.append(self.f(i, hs_graph[i].detach()))
+        hs = [h.detach() for h in hs_graph]
+        for p in self.inverses.parameters():
+            p.grad = None
+        train_fwd = self.phase in ("both", "forward")
+        train_inv = self.phase in ("both", "inverse")
+        with torch.enable_grad():
+            total = hs[0].new_zeros(())
+            task = None
+            if train_fwd:
+                t = self.targets(hs, y)
+                fwd = self.forward_losses(hs_graph, t, y)
+                total = total + fwd
+            if train_inv:
+                total = total + self.inverse_losses(hs)
+            if total.requires_grad:
+                total.backward()
+        with torch.no_grad():
+            task = self.loss(hs[L], y)
+        self._last_hs = hs
+        return StepResult(task.detach(), hs[L])
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.schedule == "alternating":
+            other = "forward" if self.first == "inverse" else "inverse"
+            self.phase = self.first if epoch % 2 == 0 else other
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """One group for the inverses with their own Adam hyper-parameters (inv_lr, inv_beta1,
+        inv_beta2, inv_eps; unset ones follow the optimizer's)."""
+        o = self.options
+        group: dict[str, Any] = {"name": "inverses", "params": list(self.inverses.parameters()), "lr": float(o["inv_lr"] if o["inv_lr"] is not None else lr)}
+        if o["inv_beta1"] is not None or o["inv_beta2"] is not None:
+            group["betas"] = (float(o["inv_beta1"] if o["inv_beta1"] is not None else 0.9),
+                              float(o["inv_beta2"] if o["inv_beta2"] is not None else 0.999))
+        if o["inv_eps"] is not None:
+            group["eps"] = float(o["inv_eps"])
+        return [group]
+
+    def diagnostics(self) -> dict[str, float]:
+        """Reconstruction error of every inverse on the last batch (computed on demand: the loop
+        asks only at its logging steps, so training steps do not pay for it)."""
+        return self.reconstruction_errors(self._last_hs) if self._last_hs is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"phase": self.phase,
+                                 "inverses": {k: v.detach().clone() for k, v in self.inverses.state_dict().items()}}
+        if self.aux is not None:
+            state["aux"] = self.aux.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase = str(state.get("phase", self.phase))
+        self.inverses.load_state_dict(state["inverses"])
+        if self.aux is not None:
+            if "aux" not in state:
+                raise ConfigError(f"algorithm {self.name}: checkpoint lacks the auxiliary weights")
+            self.aux = state["aux"].to(self.aux)
+
+    def to(self, device=None, dtype=None) -> "TargetPropagation":
+        self.inverses.to(device=device, dtype=dtype)
+        if self.aux is not None:
+            self.aux = self.aux.to(device=device, dtype=dtype)
+        return self
+

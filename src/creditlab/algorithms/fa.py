@@ -1,0 +1,88 @@
+"""Feedback alignment (Lillicrap et al. 2016; Bartunov et al. 2018, §2.1.1): backprop with a
+fixed random matrix B_l of W_l's shape in place of W_l in the backward pass,
+
+    delta_{l-1} = (B_l^T delta_l) * f'(a_{l-1}),   dW_l = delta_l x_l^T,
+
+for every nn.Linear, nn.Conv2d and LocallyConnected2d of any model (everything else, e.g.
+pooling, dropout and activations, is differentiated by autograd). B_l is never trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.algorithms._feedback import (
+    Route,
+    RouteState,
+    check_feedback_init,
+    feedback_layers,
+    init_feedback_,
+    layer_fans,
+    routed,
+    transpose_apply,
+)
+from creditlab.diagnostics import feedback_alignment
+from creditlab.errors import ConfigError
+from creditlab.losses import Loss
+
+
+@register_algorithm
+class FeedbackAlignment(Algorithm):
+    """``fa``: options ``init`` (``like`` = uniform with the forward weight's standard deviation
+    at construction, i.e. scaled like the forward init; or any init spec: ``xavier``,
+    ``orthogonal``, ``normal(0.05)``, ...) and ``noise`` (std of Gaussian noise on every hidden
+    layer's output in the training forward pass; 0 = none)."""
+
+    name = "fa"
+    defaults: dict[str, Any] = {"init": "like", "noise": 0.0}
+    divergence_hint = "lower the learning rate, or use fa:init=xavier for smaller feedback weights"
+
+    def __init__(self, model: nn.Module, loss: Loss, **options: Any):
+        super().__init__(model, loss, **options)
+        self.init = check_feedback_init(self.options["init"])
+        self.noise = float(self.options["noise"])
+        if self.noise < 0:
+            raise ConfigError(f"fa option noise={self.noise} must be >= 0 (a standard deviation)")
+        self.layers = feedback_layers(model)
+        self.B: dict[str, Tensor] = {}
+        for name, layer in self.layers:
+            fan_in, fan_out = layer_fans(layer)
+            self.B[name] = init_feedback_(torch.empty_like(layer.weight, requires_grad=False), self.init,
+                                          layer.weight, fan_in, fan_out)
+        self.state = RouteState(noise=self.noise)
+        self.routes = [Route(name, layer, self._input_grad(name, layer)) for name, layer in self.layers]
+
+    def _input_grad(self, name: str, layer: nn.Module):
+        def grad(g: Tensor, x_shape: torch.Size) -> Tensor:
+            return transpose_apply(layer, g, self.B[name], x_shape)
+
+        return grad
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        for p in self.params():
+            p.grad = None
+        with torch.enable_grad(), routed(self.routes, self.state, training=self.model.training):
+            out = self.model(x)
+            loss = self.loss(out, y)
+            loss.backward()
+        return StepResult(loss.detach(), out.detach())
+
+    def diagnostics(self) -> dict[str, float]:
+        return feedback_alignment([(name, layer.weight.detach(), self.B[name]) for name, layer in self.layers])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"B": {k: v.clone() for k, v in self.B.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state["B"].items():
+            if k not in self.B or self.B[k].shape != v.shape:
+                raise ConfigError(f"fa checkpoint has feedback {k!r} of shape {tuple(v.shape)} that this model lacks")
+            self.B[k] = v.to(self.B[k])
+
+    def to(self, device=None, dtype=None) -> "FeedbackAlignment":
+        self.B = {k: v.to(device=device, dtype=dtype) for k, v in self.B.items()}
+        return self

@@ -1,0 +1,70 @@
+"""The shipped Bartunov et al. experiment files: valid, faithful to Table 1/5, and runnable on a slice."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from creditlab import config
+from creditlab.algorithms import build_algorithm
+from creditlab.build import build_model
+from creditlab.losses import build_loss
+from creditlab.models import build_named_model
+from creditlab.train import train
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+FILES = sorted(EXPERIMENTS.glob("bartunov-*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_table1_row_has_an_experiment_file_that_validates():
+    names = {f.stem for f in FILES}
+    rows = ["bp", "fa", "dfa"] + [f"{a}-{s}" for a in ("dtp", "sdtp", "aosdtp") for s in ("parallel", "alternating")]
+    for net in ("mnist-fc", "mnist-lc", "cifar-fc", "cifar-lc"):
+        for row in rows + (["bp-convnet"] if net.endswith("lc") else []):
+            assert f"bartunov-{net}-{row}" in names
+    for f in FILES:
+        cfg = config.load(f)
+        assert cfg["optimizer"]["name"] == "adam" and cfg["epochs"] == 500
+
+
+def test_experiment_files_carry_table5_values():
+    cfg = config.load(EXPERIMENTS / "bartunov-mnist-fc-dtp-parallel.yaml")
+    assert cfg["optimizer"]["lr"] == 0.000757 and cfg["optimizer"]["betas"] == [0.99, 0.95]
+    assert "alpha=0.15008" in cfg["algo"] and "sigma=0.36133" in cfg["algo"] and "inv_lr=0.000768" in cfg["algo"]
+    assert cfg["published"]["test_error_pct"] == 2.86
+    cfg = config.load(EXPERIMENTS / "bartunov-cifar-lc-bp-convnet.yaml")
+    assert cfg["model"]["name"] == "cifar-conv" and cfg["augment"] == {"crop_pad": 4, "flip": "vertical"}
+    assert cfg["published"]["test_error_pct"] == 31.87
+
+
+@pytest.mark.parametrize("row", ["fa", "dfa", "dtp-alternating", "aosdtp-parallel", "bp-convnet"])
+def test_mnist_lc_rows_run_on_a_small_slice(row, tmp_path):
+    cfg = config.load(EXPERIMENTS / f"bartunov-mnist-lc-{row}.yaml")
+    cfg.update(dataset="fake:n=40,shape=1x28x28,test=8", epochs=2, batch_size=8, log_every=2, threads=1)
+    s = train(cfg, tmp_path, progress=False)
+    assert s["finished"] and s["epochs"] == 2
+
+
+@pytest.mark.parametrize("row", ["fa", "sdtp-parallel"])
+def test_cifar_lc_rows_take_a_step(row):
+    cfg = config.load(EXPERIMENTS / f"bartunov-cifar-lc-{row}.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, (3, 32, 32), 10)
+    algo = build_algorithm(cfg["algo"], model, build_loss(cfg["loss"]))
+    res = algo.step(torch.rand(2, 3, 32, 32), torch.tensor([1, 7]))
+    assert torch.isfinite(res.loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_imagenet_lc_runs_on_small_inputs():
+    model = build_named_model("imagenet-lc", (3, 48, 48), 5)
+    algo = build_algorithm("dtp", model, build_loss("cross_entropy"))
+    res = algo.step(torch.rand(2, 3, 48, 48), torch.tensor([0, 4]))
+    assert res.output.shape == (2, 5) and len(algo.inverses) == len(model.layers) - 1

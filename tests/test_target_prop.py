@@ -1,0 +1,280 @@
+"""Target propagation family (tp, dtp, sdtp, aosdtp) against exact inverses and instrumentation."""
+
+import pytest
+import torch
+from torch import nn
+
+from creditlab.algorithms import build_algorithm
+from creditlab.errors import ConfigError
+from creditlab.losses import CrossEntropyLoss, build_loss
+from creditlab.models import MLP, build_named_model
+from creditlab.train import train
+
+ALGOS = ["tp", "dtp", "sdtp", "aosdtp:aux=16"]
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared CPU cores: intra-op threading only adds contention for these small nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _forward(algo, x):
+    hs = [x]
+    with torch.no_grad():
+        for i in range(len(algo.layers)):
+            hs.append(algo.f(i, hs[-1]))
+    return hs
+
+
+def test_dtp_with_exact_inverses_targets_are_exact_preimages():
+    torch.manual_seed(0)
+    model = MLP("5-6-6-6-3", act="linear", out_act="softmax").double()  # invertible hidden layers
+    algo = build_algorithm("dtp:alpha=0.3", model, build_loss("cross_entropy"))
+    with torch.no_grad():
+        for i in (1, 2):  # g_i = f_i^{-1}: g(h) = h @ V + c with V = (W^-1)^T, c = -W^-1 b
+            w_inv = torch.linalg.inv(model.layers[i].weight)
+            algo.inverse(i).weight.copy_(w_inv.t())
+            algo.inverse(i).bias.copy_(-(w_inv @ model.layers[i].bias))
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    hs = _forward(algo, x)
+    t = algo.targets(hs, y)
+    for i in (1, 2):  # h^_i = f_i^{-1}(h^_{i+1}) exactly
+        assert torch.allclose(algo.f(i, t[i]), t[i + 1], atol=1e-10)
+    h = t[1]
+    for i in (1, 2):  # propagating the lowest target forward reaches the penultimate target
+        h = algo.f(i, h)
+    assert torch.allclose(h, t[3], atol=1e-10)
+    assert not torch.allclose(t[3], hs[3])  # the penultimate target moved (alpha * dL/dh)
+
+
+def test_dtp_penultimate_target_is_a_gradient_step():
+    torch.manual_seed(0)
+    model = MLP("5-6-4-3", act="tanh", out_act="softmax").double()
+    loss = build_loss("cross_entropy")
+    algo = build_algorithm("dtp:alpha=0.2", model, loss)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    hs = _forward(algo, x)
+    h = hs[2].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss.per_sample(model.layers[2](h), y).sum(), h)
+    assert torch.allclose(algo.targets(hs, y)[2], hs[2] - 0.2 * g, atol=1e-12)
+
+
+class SpyLoss(CrossEntropyLoss):
+    """Records every tensor the task loss returns, so the graphs it heads can be inspected."""
+
+    def __init__(self):
+        super().__init__("mean")
+        self.values = []
+
+    def per_sample(self, out, target):
+        v = super().per_sample(out, target)
+        self.values.append(v)
+        return v
+
+
+def _graph_leaves(t):
+    """Every leaf tensor the autograd graph of ``t`` reaches."""
+    seen, stack, leaves = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+def _task_loss_leaves(spec):
+    torch.manual_seed(0)
+    model = MLP("5-6-4-3", act="tanh", out_act="softmax")
+    spy = SpyLoss()
+    algo = build_algorithm(spec, model, spy)
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*a, **k):
+        calls.append(1)
+        return real_grad(*a, **k)
+
+    torch.autograd.grad = counting_grad
+    try:
+        algo.step(torch.randn(4, 5), torch.randint(0, 3, (4,)))
+    finally:
+        torch.autograd.grad = real_grad
+    leaves = [leaf for v in spy.values if v.grad_fn is not None for leaf in _graph_leaves(v)]
+    out_params = {id(model.layers[-1].weight), id(model.layers[-1].bias)}
+    return leaves, out_params, calls
+
+
+@pytest.mark.parametrize("spec", ["sdtp", "aosdtp:aux=8", "tp"])
+def test_sdtp_never_differentiates_the_task_loss_below_the_output_layer(spec):
+    leaves, out_params, calls = _task_loss_leaves(spec)
+    assert leaves, "the task loss must train the output layer"
+    assert all(id(leaf) in out_params for leaf in leaves)
+    assert not calls  # no torch.autograd.grad anywhere
+
+
+def test_dtp_does_differentiate_the_task_loss_below_the_output_layer():
+    # the control for the instrumentation above: DTP's penultimate target is a gradient step
+    leaves, out_params, calls = _task_loss_leaves("dtp")
+    assert any(id(leaf) not in out_params for leaf in leaves) and calls
+
+
+@pytest.mark.parametrize("spec", ["sdtp", "dtp", "aosdtp:aux=32"])
+def test_inverse_training_reduces_reconstruction_error_on_a_fixed_net(spec):
+    torch.manual_seed(0)
+    model = MLP("10-20-20-5", act="tanh", out_act="softmax")
+    algo = build_algorithm(spec + (",sigma=0.05" if ":" in spec else ":sigma=0.05"), model, build_loss("cross_entropy"))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(algo.param_groups(3e-2))  # inverses only: the net stays fixed
+    x, y = torch.randn(64, 10), torch.randint(0, 5, (64,))
+    algo.step(x, y)
+    first = algo.diagnostics()
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        algo.step(x, y)
+        opt.step()
+    algo.step(x, y)
+    last = algo.diagnostics()
+    for k in first:
+        assert last[k] < 0.8 * first[k], (k, first[k], last[k])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("first", ["inverse", "forward"])
+def test_alternating_schedule_trains_one_loss_per_epoch(first):
+    torch.manual_seed(0)
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax")
+    algo = build_algorithm(f"dtp:schedule=alternating,first={first}", model, build_loss("cross_entropy"))
+    opt = torch.optim.Adam([{"params": list(model.parameters())}, *algo.param_groups(1e-2)], lr=1e-2)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for epoch in range(4):
+        algo.on_epoch_start(epoch)
+        fwd0 = [p.detach().clone() for p in model.parameters()]
+        inv0 = [p.detach().clone() for p in algo.inverses.parameters()]
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            algo.step(x, y)
+            opt.step()
+        fwd_changed = any(not torch.equal(a, b) for a, b in zip(fwd0, model.parameters()))
+        inv_changed = any(not torch.equal(a, b) for a, b in zip(inv0, algo.inverses.parameters()))
+        forward_epoch = (epoch % 2 == 0) == (first == "forward")
+        assert fwd_changed == forward_epoch and inv_changed == (not forward_epoch), epoch
+
+
+def test_parallel_schedule_trains_both_losses_every_step():
+    torch.manual_seed(0)
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax")
+    algo = build_algorithm("sdtp", model, build_loss("cross_entropy"))
+    algo.on_epoch_start(1)
+    algo.step(torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in algo.inverses.parameters())
+
+
+def test_inverse_param_group_carries_its_own_adam_hyperparameters():
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax")
+    algo = build_algorithm("dtp:inv_lr=0.004,inv_beta1=0.99,inv_beta2=0.95,inv_eps=1e-4", model, build_loss("cross_entropy"))
+    (g,) = algo.param_groups(1e-3)
+    assert g["lr"] == 0.004 and g["betas"] == (0.99, 0.95) and g["eps"] == 1e-4
+    assert {id(p) for p in g["params"]}.isdisjoint({id(p) for p in model.parameters()})
+    (g,) = build_algorithm("dtp", model, build_loss("cross_entropy")).param_groups(1e-3)
+    assert g["lr"] == 1e-3 and "betas" not in g
+
+
+def test_local_losses_stop_gradients_at_the_layer_input():
+    # each hidden layer's update equals the gradient of its own local loss alone
+    torch.manual_seed(0)
+    model = MLP("5-6-4-3", act="tanh", out_act="softmax").double()
+    algo = build_algorithm("sdtp", model, build_loss("cross_entropy"))
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    algo.step(x, y)
+    hs = _forward(algo, x)
+    t = algo.targets(hs, y)
+    w = model.layers[0].weight
+    (g,) = torch.autograd.grad(((algo.f(0, hs[0]) - t[1]) ** 2).sum() / 4, w)
+    assert torch.allclose(w.grad, g, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec,net", [("dtp", "mnist-lc"), ("sdtp", "mnist-lc"), ("aosdtp:aux=32", "mnist-lc"),
+                                      ("tp", "mnist-lc"), ("sdtp", "mnist-conv")])
+def test_target_prop_runs_on_locally_connected_and_conv_nets(spec, net):
+    torch.manual_seed(0)
+    model = build_named_model(net, (1, 12, 12), 10)
+    algo = build_algorithm(spec, model, build_loss("cross_entropy"))
+    algo.step(torch.rand(3, 1, 12, 12), torch.randint(0, 10, (3,)))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert set(algo.diagnostics()) == {"recon_err/layer1", "recon_err/layer2", "recon_err/layer3"}
+
+
+def test_target_prop_state_dict_round_trip():
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax")
+    a = build_algorithm("aosdtp:aux=4", model, build_loss("cross_entropy"))
+    b = build_algorithm("aosdtp:aux=4", model, build_loss("cross_entropy"))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.aux, b.aux)
+    assert all(torch.equal(p, q) for p, q in zip(a.inverses.parameters(), b.inverses.parameters()))
+
+
+def test_target_prop_rejects_models_without_a_layer_chain():
+    with pytest.raises(ConfigError, match="layer chain"):
+        build_algorithm("dtp", nn.Sequential(nn.Linear(3, 2)), build_loss("mse"))
+    with pytest.raises(ConfigError, match="schedule"):
+        build_algorithm("sdtp:schedule=sometimes", MLP("3-4-2"), build_loss("mse"))
+
+
+@pytest.mark.parametrize("spec,epochs", [("tp", 1), ("dtp", 1), ("sdtp", 1), ("aosdtp:aux=64", 1),
+                                         ("dtp:schedule=alternating", 2)])
+def test_target_prop_trains_mnist_mini_above_chance(spec, epochs, tmp_path):
+    cfg = {"dataset": "mnist-mini", "model": {"arch": "784-64-64-10", "act": "tanh", "out_act": "softmax"},
+           "algo": spec, "optimizer": {"name": "adam", "lr": 1e-3}, "epochs": epochs, "batch_size": 64,
+           "log_every": 0, "threads": 1}
+    s = train(cfg, tmp_path, progress=False)
+    assert s["val_accuracy"] > 0.3  # chance is 0.1; bp reaches ~0.85 in this budget, tp ~0.4
+
+
+def test_sdtp_and_aosdtp_targets_follow_the_difference_correction_formulas():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    onehot = nn.functional.one_hot(y, 3).double()
+    for spec in ("sdtp", "aosdtp:aux=7"):
+        model = MLP("5-6-4-3", act="tanh", out_act="softmax").double()
+        algo = build_algorithm(spec, model, build_loss("cross_entropy"))
+        hs = _forward(algo, x)
+        t = algo.targets(hs, y)
+        g2, g1 = algo.inverse(2), algo.inverse(1)
+        o = torch.softmax(hs[3], 1)
+        if spec == "sdtp":
+            top, top_hat = o, onehot
+        else:
+            z = torch.tanh(hs[2] @ algo.aux.t())  # fixed random features of h_{L-1}
+            top, top_hat = torch.cat([o, z], 1), torch.cat([onehot, z], 1)
+        assert torch.allclose(g2(top, hs[2].shape), torch.tanh(top @ g2.weight + g2.bias))  # g = tanh(V^T h + c)
+        expected2 = hs[2] - g2(top, hs[2].shape) + g2(top_hat, hs[2].shape)
+        assert torch.allclose(t[2], expected2, atol=1e-12)
+        expected1 = g1(t[2], hs[1].shape) + hs[1] - g1(hs[2], hs[1].shape)
+        assert torch.allclose(t[1], expected1, atol=1e-12)
+        assert torch.equal(t[3], onehot)
+
+
+def test_locally_connected_inverse_is_the_transpose_of_the_forward_layer():
+    from creditlab.algorithms._targetprop import Inverse
+    from creditlab.models import make_activation
+    from creditlab.models.locally_connected import LocallyConnected2d
+
+    torch.manual_seed(0)
+    lc = LocallyConnected2d(2, 3, 3, 2, in_size=7).double()
+    g = Inverse(lc, make_activation("linear"), lc.weight.shape, "xavier", dtype=torch.float64)
+    with torch.no_grad():
+        g.weight.copy_(lc.weight)  # V = W: g(h) = W^T h + c, the sparsity of W^T
+        g.bias.normal_()
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 3, *lc.out_size, dtype=torch.float64)
+    (vjp,) = torch.autograd.grad(lc(x), x, h)
+    assert torch.allclose(g(h, x.shape), vjp + g.bias, atol=1e-12)
