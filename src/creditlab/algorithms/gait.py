@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.errors import ConfigError
+from creditlab.models.activations import LeakyReLU, Linear
 from creditlab.models.invertible import InvertibleNet, InvTrace, require_invertible
 from creditlab.spec import choice
 
@@ -89,6 +90,17 @@ def output_target(out_full: Tensor, grad_logits: Tensor) -> Tensor:
     return t
 
 
+def _act_inverse_diff(act, h: Tensor, a: Tensor, dh: Tensor) -> Tensor:
+    """f^{-1}(h + dh) - a without cancellation where no leaky-ReLU kink is crossed
+    (there it is dh / f'(a) exactly); elsewhere the direct difference."""
+    direct = act.inverse(h + dh) - a
+    if isinstance(act, LeakyReLU) or isinstance(act, Linear):
+        d = act.df(a)
+        same = (h + dh > 0) == (h > 0)
+        return torch.where(same, dh / d, direct)
+    return direct
+
+
 def gait_targets(
     net: InvertibleNet,
     tr: InvTrace,
@@ -99,35 +111,54 @@ def gait_targets(
     eta: float = 0.0,
     scale_local: bool = True,
     factors: list[Any] | None = None,
+    delta: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Targets t_l (full width), local-loss weights m_l (B,) and gamma_l (B,) for every layer
-    (gamma of layer 0 is unused and reported as zeros)."""
+    """Target-minus-output differences d_l = t_l - h_l (full width), local-loss weights m_l (B,)
+    and gamma_l (B,) for every layer (gamma of layer 0 is unused and reported as zeros).
+
+    ``delta=false`` (the authors' code): t_{l-1} = G_l(nudged) by the full inverse, and
+    d_{l-1} = t_{l-1} - h_{l-1}; in float32 this difference of two O(1) numbers loses the
+    O(gamma) signal. ``delta=true``: the same quantity in difference form,
+    d_{l-1} = G_l'(f^{-1}(h_l + eps_l d_l) - a_l) with G_l' the linear part of the inverse
+    (W^{-1}, or the transposed convolution with M^{-T}: the overlap correction cancels exactly).
+    """
     L = len(net.layers)
     if factors is None:
         factors = [None] + [layer.factorize() for layer in net.layers[1:]]
-    targets: list[Tensor] = [torch.empty(0)] * L
+    diffs: list[Tensor] = [torch.empty(0)] * L
     mults: list[Tensor] = [torch.empty(0)] * L
     gammas: list[Tensor] = [torch.empty(0)] * L
-    t = output_target(tr.outs[-1], grad_logits)
-    m = t.new_ones(t.shape[0])
-    targets[-1], mults[-1] = t, m
+    h_out = tr.outs[-1]
+    d = output_target(h_out, grad_logits) - h_out if not delta else _output_diff(h_out, grad_logits)
+    m = d.new_ones(d.shape[0])
+    diffs[-1], mults[-1] = d, m
     for l in range(L - 1, 0, -1):
         layer = net.layers[l]
         h = tr.outs[l]
-        g = layer_gamma(t - h, normalize, gamma, norm, eta)
+        g = layer_gamma(d, normalize, gamma, norm, eta)
         gammas[l] = g
-        d = layer.act.df(tr.pre[l])
-        eps = _bcast(g, h) * d * d
-        nudged = h + eps * (t - h)
-        x = net.invert_layer(l, nudged, tr.inputs[l], factors[l])
-        below = net.layers[l - 1]
-        t = torch.cat([x, tr.outs[l - 1][:, below.keep :]], dim=1)
+        fp = layer.act.df(tr.pre[l])
+        step = _bcast(g, h) * fp * fp * d
+        x_in = tr.inputs[l]
+        if delta:
+            dpre = _act_inverse_diff(layer.act, h, tr.pre[l], step)
+            dx = layer.inverse_linear(dpre, factors[l], x_in).reshape(x_in.shape)
+        else:
+            dx = net.invert_layer(l, h + step, x_in, factors[l]) - x_in
+        aux = tr.outs[l - 1][:, net.layers[l - 1].keep :]
+        d = torch.cat([dx, torch.zeros_like(aux)], dim=1)
         if scale_local:
             safe = torch.where(g > 0, g, torch.ones_like(g))
             m = torch.where(g > 0, m / safe, torch.zeros_like(m))
-        targets[l - 1], mults[l - 1] = t, m
-    gammas[0] = t.new_zeros(t.shape[0])
-    return targets, mults, gammas
+        diffs[l - 1], mults[l - 1] = d, m
+    gammas[0] = d.new_zeros(d.shape[0])
+    return diffs, mults, gammas
+
+
+def _output_diff(out_full: Tensor, grad_logits: Tensor) -> Tensor:
+    d = torch.zeros_like(out_full)
+    d[:, : grad_logits.shape[1]] = -0.5 * grad_logits
+    return d
 
 
 def ortho_penalty(w: Tensor) -> Tensor:
@@ -156,6 +187,7 @@ class Gait(Algorithm):
         "eta": None,  # norm=squared only; None: gamma's value
         "scale_local": True,  # per-sample running product of 1/gamma on the local losses (code)
         "ortho": 100.0,  # orthogonality regularizer strength (authors: 100 CIFAR, 1 ImageNet)
+        "targets": "auto",  # inverse: full inverse G(nudged) (code); delta: same in difference form; auto: inverse in float64
     }
     divergence_hint = "lower the learning rate, raise ortho, or use dtype: float64 (the authors run in float64)"
 
@@ -184,6 +216,7 @@ class Gait(Algorithm):
             raise ConfigError(f"gait option ortho={ortho!r} must be a number >= 0 (0 switches the regularizer off)")
         self.ortho = float(ortho)
         self.scale_local: bool = o["scale_local"]
+        self.targets = choice("gait", "targets", o["targets"], ("auto", "inverse", "delta"))
         self.task_updates: dict[str, Tensor] = {}
         self._last: dict[str, float] = {}
 
@@ -201,13 +234,14 @@ class Gait(Algorithm):
         with torch.no_grad():
             g = self.loss.grad(logits, y)
             det = InvTrace([v.detach() for v in tr.inputs], [v.detach() for v in tr.pre], [v.detach() for v in tr.outs])
-            targets, mults, gammas = gait_targets(
-                net, det, g, self.normalize, self.gamma, self.norm, self.eta, self.scale_local
+            diffs, mults, gammas = gait_targets(
+                net, det, g, self.normalize, self.gamma, self.norm, self.eta, self.scale_local,
+                delta=self.uses_delta(out_full.dtype),
             )
             deltas = []
             for l, layer in enumerate(net.layers):
-                h, t = det.outs[l], targets[l]
-                deltas.append(2.0 * _bcast(mults[l], h) * layer.act.df(det.pre[l]) * (h - t))
+                h = det.outs[l]
+                deltas.append(-2.0 * _bcast(mults[l], h) * layer.act.df(det.pre[l]) * diffs[l])
         # one autograd call: each pre[l] reaches only layer l's parameters (inputs detached)
         torch.autograd.backward(tr.pre, deltas)
         self.task_updates = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -218,13 +252,17 @@ class Gait(Algorithm):
                     if layer.invertible and layer.weight.grad is not None:
                         w = layer.square_matrix(layer.weight.detach())
                         layer.weight.grad.add_(self.ortho * ortho_grad(w).reshape(layer.weight.shape))
-        self._record(det, targets, gammas)
+        self._record(diffs, gammas)
         return StepResult(loss.detach(), logits)
 
-    def _record(self, tr: InvTrace, targets: list[Tensor], gammas: list[Tensor]) -> None:
+    def uses_delta(self, dtype: torch.dtype) -> bool:
+        """targets=auto: the authors' full inverse in float64, the difference form otherwise."""
+        return self.targets == "delta" or (self.targets == "auto" and dtype != torch.float64)
+
+    def _record(self, diffs: list[Tensor], gammas: list[Tensor]) -> None:
         rec: dict[str, float] = {}
-        for l in range(len(targets)):
-            rec[f"target_dist/{l}"] = float(_per_sample_norm(targets[l] - tr.outs[l]).mean())
+        for l in range(len(diffs)):
+            rec[f"target_dist/{l}"] = float(_per_sample_norm(diffs[l]).mean())
             if l > 0:
                 rec[f"gamma/{l}"] = float(gammas[l].mean())
         self._last = rec

@@ -93,6 +93,11 @@ class InvertibleLayer(nn.Module):
     def inverse(self, h: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def inverse_linear(self, dpre: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
+        """The linear part of the inverse applied to a pre-activation difference:
+        G(h + dh) - G(h) = inverse_linear(f^{-1}(h + dh) - f^{-1}(h))."""
+        raise NotImplementedError
+
     def _require_invertible(self) -> None:
         if not self.invertible:
             raise ConfigError(
@@ -161,6 +166,12 @@ class InvertibleDense(InvertibleLayer):
         if self.bias is not None:
             z = z - self.bias.detach()
         return torch.linalg.lu_solve(lu, piv, z.transpose(0, 1)).transpose(0, 1)
+
+    def inverse_linear(self, dpre: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
+        """W^{-1} dpre, batched."""
+        self._require_invertible()
+        lu, piv = self.factorize() if factor is None else factor
+        return torch.linalg.lu_solve(lu, piv, dpre.transpose(0, 1)).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, keep={self.keep}, invertible={self.invertible}, act={self.act.name}"
@@ -264,6 +275,15 @@ class InvertibleConv2d(InvertibleLayer):
         in_hw = (x.shape[2], x.shape[3])
         rec = self._transpose(z, kernel, in_hw)
         return rec - (self.overlap_counts(in_hw, x) - 1.0) * x
+
+    def inverse_linear(self, dpre: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
+        """ConvTranspose(dpre, M^{-T}): the feedback of overlapping fields summed; the overlap
+        correction, a function of the forward input only, cancels in a difference."""
+        self._require_invertible()
+        if x is None:
+            raise ConfigError("the invertible convolution's inverse needs the layer's cached forward input x")
+        kernel = self.factorize() if factor is None else factor
+        return self._transpose(dpre, kernel, (x.shape[2], x.shape[3]))
 
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel_size}, stride={self.stride}, width={self.width}, keep={self.keep}, "
