@@ -36,7 +36,7 @@ Orthogonality regularizer (§2.3; Ahmad et al. 2020): ``ortho`` * d/dW ||W W^T -
 4 ``ortho`` (W W^T - I) W is added to the weight (not bias) gradient of every square layer (conv
 kernels as their square matrix), after the task update; the pre-regularizer task update, the one
 the angle diagnostics should compare with backprop (as the authors do), is kept in
-:attr:`Gait.task_updates` (parameter name -> tensor).
+:attr:`Gait.task_updates` (parameter name -> tensor) and returned by ``reported_updates()``.
 """
 
 from __future__ import annotations
@@ -254,6 +254,10 @@ class Gait(Algorithm):
                         layer.weight.grad.add_(self.ortho * ortho_grad(w).reshape(layer.weight.shape))
         self._record(diffs, gammas)
         return StepResult(loss.detach(), logits)
+
+    def reported_updates(self) -> dict[str, Tensor] | None:
+        """The task updates before the orthogonality regularizer (what the angles compare)."""
+        return self.task_updates or None
 
     def uses_delta(self, dtype: torch.dtype) -> bool:
         """targets=auto: the authors' full inverse in float64, the difference form otherwise."""
