@@ -160,3 +160,13 @@ def test_first_layer_is_never_inverted():
         net.layers[0].inverse(torch.zeros(1, 16))
     with pytest.raises(ConfigError, match="only the first layer"):
         InvertibleNet([InvertibleDense(4, 4), InvertibleDense(4, 4, invertible=False)])
+
+
+def test_invertible_from_arch_builds_square_layers_with_auxiliary_units_and_linear_logits():
+    net = invertible_from_arch("784-784-784-784-10", "leaky_relu")
+    shapes = [tuple(l.linear.weight.shape) for l in net.layers]
+    assert shapes == [(784, 784)] * 4
+    assert [l.keep for l in net.layers] == [784, 784, 784, 10]
+    assert not net.layers[0].invertible and all(l.invertible for l in net.layers[1:])
+    assert net.layers[-1].act.name == "linear" and net.layers[1].act.name == "leaky_relu(0.1)"
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
