@@ -36,7 +36,8 @@ Orthogonality regularizer (§2.3; Ahmad et al. 2020): ``ortho`` * d/dW ||W W^T -
 4 ``ortho`` (W W^T - I) W is added to the weight (not bias) gradient of every square layer (conv
 kernels as their square matrix), after the task update; the pre-regularizer task update, the one
 the angle diagnostics should compare with backprop (as the authors do), is kept in
-:attr:`Gait.task_updates` (parameter name -> tensor) and returned by ``reported_updates()``.
+:attr:`Gait.task_updates` (parameter name -> tensor, the task .grad tensors by reference, valid
+until the next step) and returned by ``reported_updates()``.
 """
 
 from __future__ import annotations
@@ -90,14 +91,15 @@ def output_target(out_full: Tensor, grad_logits: Tensor) -> Tensor:
     return t
 
 
-def _act_inverse_diff(act, h: Tensor, a: Tensor, dh: Tensor) -> Tensor:
+def _act_inverse_diff(act, h: Tensor, a: Tensor, dh: Tensor, fp: Tensor) -> Tensor:
     """f^{-1}(h + dh) - a without cancellation where no leaky-ReLU kink is crossed
-    (there it is dh / f'(a) exactly); elsewhere the direct difference."""
+    (there it is dh / f'(a) exactly, fp = f'(a)); elsewhere the direct difference."""
+    if isinstance(act, Linear):
+        return dh
     direct = act.inverse(h + dh) - a
-    if isinstance(act, LeakyReLU) or isinstance(act, Linear):
-        d = act.df(a)
+    if isinstance(act, LeakyReLU):
         same = (h + dh > 0) == (h > 0)
-        return torch.where(same, dh / d, direct)
+        return torch.where(same, dh / fp, direct)
     return direct
 
 
@@ -112,6 +114,7 @@ def gait_targets(
     scale_local: bool = True,
     factors: list[Any] | None = None,
     delta: bool = False,
+    fprimes: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Target-minus-output differences d_l = t_l - h_l (full width), local-loss weights m_l (B,)
     and gamma_l (B,) for every layer (gamma of layer 0 is unused and reported as zeros).
@@ -137,16 +140,16 @@ def gait_targets(
         h = tr.outs[l]
         g = layer_gamma(d, normalize, gamma, norm, eta)
         gammas[l] = g
-        fp = layer.act.df(tr.pre[l])
-        step = _bcast(g, h) * fp * fp * d
+        fp = layer.act.df(tr.pre[l]) if fprimes is None else fprimes[l]
+        step = _bcast(g, h) * (fp * fp) * d
         x_in = tr.inputs[l]
         if delta:
-            dpre = _act_inverse_diff(layer.act, h, tr.pre[l], step)
+            dpre = _act_inverse_diff(layer.act, h, tr.pre[l], step, fp)
             dx = layer.inverse_linear(dpre, factors[l], x_in).reshape(x_in.shape)
         else:
             dx = net.invert_layer(l, h + step, x_in, factors[l]) - x_in
-        aux = tr.outs[l - 1][:, net.layers[l - 1].keep :]
-        d = torch.cat([dx, torch.zeros_like(aux)], dim=1)
+        d = tr.outs[l - 1].new_zeros(tr.outs[l - 1].shape)
+        d[:, : dx.shape[1]] = dx  # auxiliary units of layer l-1 target their own value
         if scale_local:
             safe = torch.where(g > 0, g, torch.ones_like(g))
             m = torch.where(g > 0, m / safe, torch.zeros_like(m))
@@ -234,24 +237,24 @@ class Gait(Algorithm):
         with torch.no_grad():
             g = self.loss.grad(logits, y)
             det = InvTrace([v.detach() for v in tr.inputs], [v.detach() for v in tr.pre], [v.detach() for v in tr.outs])
+            fprimes = [layer.act.df(a) for layer, a in zip(net.layers, det.pre)]
             diffs, mults, gammas = gait_targets(
                 net, det, g, self.normalize, self.gamma, self.norm, self.eta, self.scale_local,
-                delta=self.uses_delta(out_full.dtype),
+                delta=self.uses_delta(out_full.dtype), fprimes=fprimes,
             )
-            deltas = []
-            for l, layer in enumerate(net.layers):
-                h = det.outs[l]
-                deltas.append(-2.0 * _bcast(mults[l], h) * layer.act.df(det.pre[l]) * diffs[l])
+            deltas = [(-2.0 * _bcast(m, d)) * fp * d for m, fp, d in zip(mults, fprimes, diffs)]
         # one autograd call: each pre[l] reaches only layer l's parameters (inputs detached)
         torch.autograd.backward(tr.pre, deltas)
-        self.task_updates = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        # the task updates are kept by reference; the regularizer makes a new .grad tensor
+        self.task_updates = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
                              for n, p in net.named_parameters() if p.requires_grad}
         if self.ortho > 0:
             with torch.no_grad():
                 for layer in net.layers:
-                    if layer.invertible and layer.weight.grad is not None:
-                        w = layer.square_matrix(layer.weight.detach())
-                        layer.weight.grad.add_(self.ortho * ortho_grad(w).reshape(layer.weight.shape))
+                    wt = layer.weight
+                    if layer.invertible and wt.grad is not None:
+                        reg = ortho_grad(layer.square_matrix(wt.detach())).reshape(wt.shape)
+                        wt.grad = torch.add(wt.grad, reg, alpha=self.ortho)
         self._record(diffs, gammas)
         return StepResult(loss.detach(), logits)
 

@@ -165,13 +165,13 @@ class InvertibleDense(InvertibleLayer):
         z = self.act.inverse(h)
         if self.bias is not None:
             z = z - self.bias.detach()
-        return torch.linalg.lu_solve(lu, piv, z.transpose(0, 1)).transpose(0, 1)
+        return torch.linalg.lu_solve(lu, piv, z, left=False, adjoint=True)  # rows: z W^{-T}
 
     def inverse_linear(self, dpre: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
         """W^{-1} dpre, batched."""
         self._require_invertible()
         lu, piv = self.factorize() if factor is None else factor
-        return torch.linalg.lu_solve(lu, piv, dpre.transpose(0, 1)).transpose(0, 1)
+        return torch.linalg.lu_solve(lu, piv, dpre, left=False, adjoint=True)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, keep={self.keep}, invertible={self.invertible}, act={self.act.name}"
