@@ -106,7 +106,7 @@ def test_relaxation_weights_sum_to_one_for_a_single_layer_chain_limit():
     w = relaxation_weights(6, 0.3, "synchronous", 6)
     assert math.isclose(sum(w), 1.0, rel_tol=1e-12)
     # sweep with eta = 1 converges in one step: M = 0
-    assert relaxation_weights(1, 1.0, "sweep", 4) == [0.0] * 5
+    assert relaxation_weights(1, 1.0, "sweep", 4) == (0.0,) * 5
 
 
 def test_relaxation_trace_converges_to_backprop_gradients():

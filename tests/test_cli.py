@@ -107,3 +107,17 @@ def test_console_script_module_entry_point_runs():
     p = subprocess.run([sys.executable, "-m", "creditlab", "--help"], capture_output=True, text=True,
                        env=dict(os.environ))
     assert p.returncode == 0 and "compare" in p.stdout
+
+
+def test_shipped_experiments_validate_and_quickstart_file_equals_the_default():
+    from pathlib import Path
+
+    from creditlab import config
+    from creditlab.compare import QUICKSTART
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        config.load(f)
+    assert config.load(root / "quickstart.yaml") == config.resolve(QUICKSTART)

@@ -188,6 +188,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     model, loss, algo, optimizer = build_all(cfg, data)
     ck_path = out / CHECKPOINT
     start_epoch, start_step, global_step, history, angles, keep = 0, 0, 0, [], [], None
+    partial: list = [0.0, 0.0, 0, 0]  # an interrupted epoch's time, loss sum, correct, seen
     if resume:
         if not ck_path.exists():
             raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
@@ -197,12 +198,13 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         optimizer.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
         start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
-        history, angles, keep = ck["history"], ck["angles"], ck["metrics_lines"]
+        history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
     (out / "config.yaml").write_text(config_mod.dump(cfg))
     metrics = MetricsWriter(out / "metrics.jsonl", keep)
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, partial: list) -> None:
         save_checkpoint(ck_path, {
+            "partial": partial,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
             "rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "angles": angles, "metrics_lines": metrics.lines,
@@ -211,17 +213,14 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         })
 
     summary: dict = {}
+    interrupted = False
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             algo.on_epoch_start(epoch)
             model.train()
             batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch)
             first = start_step if epoch == start_epoch else 0
-            t_epoch, loss_sum, correct, seen = 0.0, 0.0, 0, 0
-            if first:
-                prev = history and history[-1].get("_partial")
-                t_epoch, loss_sum, correct, seen = prev if prev else (0.0, 0.0, 0, 0)
-                history = [h for h in history if "_partial" not in h]
+            t_epoch, loss_sum, correct, seen = partial if first else (0.0, 0.0, 0, 0)
             bar = _progress(range(first, len(batches)), progress, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
             step_in_epoch = first
             try:
@@ -256,8 +255,8 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
                                        **res.extras, **algo.diagnostics()})
             except KeyboardInterrupt:
-                history.append({"_partial": [t_epoch, loss_sum, correct, seen]})
-                checkpoint(epoch, step_in_epoch)
+                interrupted = True
+                checkpoint(epoch, step_in_epoch, [t_epoch, loss_sum, correct, seen])
                 raise Interrupted(f"interrupted in epoch {epoch + 1} after step {global_step}; checkpoint saved "
                                   f"in {ck_path}; continue with --resume") from None
             for p in model.parameters():
@@ -275,14 +274,14 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                         record[f"{split}_{k}"] = v
             history.append(record)
             metrics.write(record)
-            checkpoint(epoch + 1, 0)
+            checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
             summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"])
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             if progress:
                 _report(record)
     finally:
         metrics.close()
-        if history and not any("_partial" in h for h in history):
+        if history and not interrupted:
             _write_csv(out / "metrics.csv", history)
             _plots(out, history, angles_from(out / "metrics.jsonl"))
     if not summary:
