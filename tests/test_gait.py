@@ -264,3 +264,12 @@ def test_gait_refuses_non_invertible_models_and_bad_options():
                           ("gait:ortho=-1", "ortho"), ("gait:normalize=maybe", "normalize")]:
         with pytest.raises(ConfigError, match=pattern):
             build_algorithm(spec, net, loss)
+
+
+def test_model_from_arch_builds_the_invertible_net_for_check():
+    from creditlab.check import run_check
+
+    res = run_check("gait:gamma=1e-6", arch="40-40-30-5", act="leaky_relu", loss="cross_entropy:reduction=sum",
+                    dtype="float64", batch=16)
+    angles = [r["angle_deg"] for r in res["layers"]]
+    assert len(angles) == 3 and max(angles) < 1e-2 and angles[-1] < 1e-6

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.errors import ConfigError
 from creditlab.models.activations import LeakyReLU, Linear
-from creditlab.models.invertible import InvertibleNet, InvTrace, require_invertible
+from creditlab.models.invertible import InvertibleNet, InvTrace, invertible_from_arch, require_invertible
 from creditlab.spec import choice
 
 # The authors' configs: vanilla gamma 1e-3, normalized gamma 1e-7.
@@ -257,6 +257,14 @@ class Gait(Algorithm):
                         wt.grad = torch.add(wt.grad, reg, alpha=self.ortho)
         self._record(diffs, gammas)
         return StepResult(loss.detach(), logits)
+
+    @classmethod
+    def model_from_arch(cls, sizes: list[int], act: str | list[str], out_act: str, bias: bool,
+                        init: str) -> nn.Module | None:
+        """The invertible version of a layer spec (:func:`invertible_from_arch`). GAIT-prop needs
+        orthogonal initialisation (Dalm et al. §2.3), so the config default ``xavier`` becomes
+        ``orthogonal``; any other init is kept as given."""
+        return invertible_from_arch(sizes, act, out_act, bias, "orthogonal" if init == "xavier" else init)
 
     def reported_updates(self) -> dict[str, Tensor] | None:
         """The task updates before the orthogonality regularizer (what the angles compare)."""

@@ -366,7 +366,7 @@ class InvertibleNet(nn.Module):
 # ----------------------------------------------------------------------------------------
 def invertible_from_arch(
     arch: str | Sequence[int],
-    act: str = "leaky_relu(0.1)",
+    act: str | Sequence[str] = "leaky_relu(0.1)",
     out_act: str = "linear",
     bias: bool = True,
     init: str = "orthogonal",
@@ -375,9 +375,13 @@ def invertible_from_arch(
     ordinary (never inverted); each later layer is square on its input width n_l with the first
     n_{l+1} units forwarded (auxiliary units); the output layer is square on n_{L-1}, linear by
     default (the authors' code), its first nL units the logits. Widths after the first layer
-    must not increase. ``out_act='softmax'`` is accepted as a synonym of linear logits."""
+    must not increase. ``out_act='softmax'`` is accepted as a synonym of linear logits; ``act`` may
+    be one activation or one per hidden layer."""
     sizes = parse_arch(list(arch) if not isinstance(arch, str) else arch)
     spec = "-".join(map(str, sizes))
+    acts = [act] * (len(sizes) - 2) if isinstance(act, str) else list(act)
+    if len(acts) != len(sizes) - 2:
+        raise ConfigError(f"arch {spec}: {len(acts)} hidden activations given for {len(sizes) - 2} hidden layers")
     for i in range(1, len(sizes) - 1):
         if sizes[i + 1] > sizes[i]:
             raise ConfigError(
@@ -387,7 +391,7 @@ def invertible_from_arch(
     n = len(sizes) - 1
     layers: list[nn.Module] = []
     for i in range(n):
-        f = out_act if i == n - 1 else act
+        f = out_act if i == n - 1 else acts[i]
         if i == 0:
             layers.append(InvertibleDense(sizes[0], sizes[1], f, invertible=False, bias=bias, init=init))
         else:
