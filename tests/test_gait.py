@@ -1,0 +1,275 @@
+"""GAIT-prop against its oracles: backprop by autograd (output layer exactly, lower layers as
+gamma -> 0 with orthogonal weights), the normalized perturbation size, the orthogonality
+regularizer's gradient by autograd, and the local-loss scaling of the authors' code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from creditlab.algorithms import build_algorithm
+from creditlab.algorithms.gait import gait_targets, layer_gamma, ortho_grad, ortho_penalty
+from creditlab.diagnostics.angles import backprop_grads, layer_angles
+from creditlab.errors import ConfigError
+from creditlab.losses import build_loss
+from creditlab.models import MLP
+from creditlab.models.invertible import InvertibleNet, invertible_convnet, invertible_from_arch
+
+D64 = torch.float64
+
+
+def _orthogonalize(net: InvertibleNet) -> InvertibleNet:
+    """Exactly (float64) orthogonal square layers; random biases so the kinks are exercised."""
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.invertible:
+                w = torch.empty(layer.square_matrix().shape, dtype=D64)
+                nn.init.orthogonal_(w)
+                layer.weight.copy_(w.reshape(layer.weight.shape))
+            layer.bias.normal_(0.0, 0.1)
+    return net
+
+
+def _fc(act: str = "leaky_relu(0.1)") -> InvertibleNet:
+    return _orthogonalize(invertible_from_arch("20-16-16-12-5", act).to(D64))
+
+
+def _conv() -> InvertibleNet:
+    return _orthogonalize(invertible_convnet((3, 12, 12), 5, convs=[(3, 2, 4), (3, 1, 6), (2, 2, 8), (3, 1, 8)]).to(D64))
+
+
+def _batch(net: InvertibleNet, n: int = 6):
+    shape = (n, 20) if net.layers[0].__class__.__name__ == "InvertibleDense" else (n, 3, 12, 12)
+    return torch.randn(shape, dtype=D64), torch.randint(0, 5, (n,))
+
+
+def _angles(spec: str, net: InvertibleNet, loss_spec: str = "cross_entropy:reduction=sum", seed: int = 0):
+    torch.manual_seed(seed)
+    x, y = _batch(net)
+    loss = build_loss(loss_spec)
+    algo = build_algorithm(spec, net, loss)
+    algo.step(x, y)
+    rows = layer_angles(net, algo.task_updates, backprop_grads(net, loss, x, y))
+    return rows, algo
+
+
+@pytest.mark.parametrize("spec", ["gait", "gait:normalize=false", "gait:norm=squared,eta=1e-6", "gait:scale_local=false"])
+@pytest.mark.parametrize("loss_spec", ["cross_entropy:reduction=sum", "cross_entropy", "mse"])
+def test_output_layer_update_equals_backprop_exactly(spec, loss_spec):
+    torch.manual_seed(1)
+    net = invertible_from_arch("20-16-16-12-5").to(D64)
+    rows, _ = _angles(spec, net, loss_spec)
+    assert rows[-1]["name"] == "layers.3.linear"
+    assert rows[-1]["rel_error"] < 1e-13
+
+
+@pytest.mark.parametrize("make", [_fc, _conv], ids=["fc", "conv"])
+def test_normalized_gait_aligns_with_backprop_as_gamma_shrinks(make):
+    torch.manual_seed(2)
+    net = make()
+    # relative error |u - g| / |g| (the angle's arccos saturates near 1e-6 degrees in float64);
+    # difference-form targets, so that float64 cancellation does not floor the measurement
+    worst = []
+    for gamma in (3e-1, 1e-1, 1e-2, 1e-3, 1e-5):
+        rows, _ = _angles(f"gait:gamma={gamma},ortho=0,targets=delta", net)
+        worst.append(max(r["rel_error"] for r in rows))
+    assert worst[0] > 1e-2  # finite gamma: a measurable, not an exact, match (leaky-ReLU kinks crossed)
+    assert all(b <= a * 1.01 + 1e-13 for a, b in zip(worst, worst[1:])), worst
+    assert worst[-1] < 1e-12, worst
+
+
+def test_vanilla_gait_aligns_with_backprop_at_small_gamma_on_a_shallow_net():
+    torch.manual_seed(3)
+    rows, _ = _angles("gait:normalize=false,gamma=1e-3,ortho=0", _fc())
+    assert max(r["angle_deg"] for r in rows) < 1e-3
+
+
+def test_vanilla_gait_loses_precision_when_gamma_products_vanish():
+    """Dalm et al. §2.2.1: fixed gamma shrinks the target distance geometrically down the
+    layers until float64 cannot resolve it; normalized targets do not (same gamma)."""
+    torch.manual_seed(4)
+    net = _fc()
+    vanilla, _ = _angles("gait:normalize=false,gamma=1e-7,ortho=0", net)
+    normalized, _ = _angles("gait:gamma=1e-7,ortho=0", net)
+    assert vanilla[0]["angle_deg"] > 10.0
+    assert normalized[0]["angle_deg"] < 1e-4
+
+
+def _target_dists(spec_gamma: float, act: str):
+    torch.manual_seed(5)
+    net = _fc(act)
+    x, y = _batch(net)
+    loss = build_loss("cross_entropy:reduction=sum")
+    with torch.no_grad():
+        tr = net.trace(x)
+        g = loss.grad(tr.outs[-1][:, :5], y)
+        diffs, _, _ = gait_targets(net, tr, g, True, spec_gamma)
+    dist = [diffs[l].norm(dim=1) for l in range(len(net.layers))]
+    widths = [layer.width for layer in net.layers]
+    return dist, widths
+
+
+@pytest.mark.parametrize("make", [_fc, _conv], ids=["fc", "conv"])
+@pytest.mark.parametrize("spec", ["gait:gamma=1e-3", "gait:gamma=1e-4,scale_local=false"])
+def test_difference_form_targets_equal_the_full_inverse_in_float64(make, spec):
+    torch.manual_seed(11)
+    net = make()
+    ups = {}
+    for form in ("inverse", "delta"):
+        _, algo = _angles(f"{spec},ortho=0,targets={form}", net, seed=11)
+        ups[form] = algo.task_updates
+    for k in ups["inverse"]:
+        torch.testing.assert_close(ups["delta"][k], ups["inverse"][k], rtol=1e-6, atol=1e-9)
+
+
+def test_float32_difference_form_keeps_the_float64_alignment():
+    """The full inverse in float32 loses the O(gamma) target signal to cancellation; the
+    default (targets=auto) uses the difference form there."""
+    torch.manual_seed(12)
+    net = _fc()
+    x, y = _batch(net)
+    loss = build_loss("cross_entropy:reduction=sum")
+    ref = backprop_grads(net, loss, x, y)
+    net32 = net.float()
+    algo = build_algorithm("gait:gamma=1e-6,ortho=0", net32, loss)
+    algo.step(x.float(), y)
+    assert algo.uses_delta(torch.float32)
+    rows = layer_angles(net32, algo.task_updates, {k: v.float() for k, v in ref.items()})
+    assert max(r["angle_deg"] for r in rows) < 0.05
+    inv = build_algorithm("gait:gamma=1e-6,ortho=0,targets=inverse", net32, loss)
+    inv.step(x.float(), y)
+    rows = layer_angles(net32, inv.task_updates, {k: v.float() for k, v in ref.items()})
+    assert max(r["angle_deg"] for r in rows) > 10.0
+
+
+def test_normalized_targets_put_the_perturbation_at_exactly_the_set_size_with_slope_one():
+    gamma = 1e-3
+    dist, widths = _target_dists(gamma, "leaky_relu(1.0)")
+    for l in range(len(widths) - 1):  # target of layer l comes from layer l+1's perturbation
+        expected = torch.full_like(dist[l], gamma * math.sqrt(widths[l + 1]))
+        torch.testing.assert_close(dist[l], expected, rtol=1e-9, atol=0)
+
+
+def test_normalized_target_distance_with_slope_point_one_lies_within_the_derivative_bound():
+    gamma = 1e-6
+    dist, widths = _target_dists(gamma, "leaky_relu(0.1)")
+    for l in range(len(widths) - 1):
+        size = gamma * math.sqrt(widths[l + 1])
+        assert torch.all(dist[l] <= size * (1 + 1e-9)) and torch.all(dist[l] >= 0.1 * size * (1 - 1e-9))
+        if l < len(widths) - 2:  # layer l+1 is leaky (the output layer is linear): D < 1 somewhere
+            assert torch.any(dist[l] < 0.99 * size)
+
+
+def test_printed_eq5_gamma_is_eta_over_the_squared_distance():
+    diff = torch.tensor([[3.0, 4.0], [0.0, 0.5]], dtype=D64)
+    torch.testing.assert_close(layer_gamma(diff, True, 1.0, "squared", 2.0), torch.tensor([2 / 25, 8.0], dtype=D64))
+    torch.testing.assert_close(layer_gamma(diff, True, 1e-3, "l2", 0.0), 1e-3 * math.sqrt(2) / torch.tensor([5.0, 0.5], dtype=D64))
+    torch.testing.assert_close(layer_gamma(diff, False, 1e-3, "l2", 0.0), torch.full((2,), 1e-3, dtype=D64))
+
+
+def test_orthogonality_gradient_equals_autograd():
+    torch.manual_seed(6)
+    w = torch.randn(7, 7, dtype=D64, requires_grad=True)
+    (auto,) = torch.autograd.grad(ortho_penalty(w), w)
+    torch.testing.assert_close(ortho_grad(w.detach()), auto, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [_fc, _conv], ids=["fc", "conv"])
+def test_regularizer_is_added_to_square_weights_only_after_the_task_update(make):
+    torch.manual_seed(7)
+    net = make()
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.add_(0.05 * torch.randn_like(layer.weight))
+    lam = 3.0
+    x, y = _batch(net)
+    algo = build_algorithm(f"gait:ortho={lam}", net, build_loss("cross_entropy"))
+    algo.step(x, y)
+    for i, layer in enumerate(net.layers):
+        extra = layer.weight.grad - algo.task_updates[f"layers.{i}.{'linear' if hasattr(layer, 'linear') else 'conv'}.weight"]
+        if not layer.invertible:
+            assert extra.abs().max() == 0
+            continue
+        w = layer.square_matrix().detach().clone().requires_grad_(True)
+        (auto,) = torch.autograd.grad(lam * ortho_penalty(w), w)
+        torch.testing.assert_close(extra, auto.reshape(layer.weight.shape), rtol=1e-10, atol=1e-12)
+        assert torch.equal(layer.bias.grad, algo.task_updates[f"layers.{i}.{'linear' if hasattr(layer, 'linear') else 'conv'}.bias"])
+
+
+def test_scale_local_false_is_the_scaled_update_times_the_gamma_product():
+    """Vanilla, fixed gamma: without the code's 1/gamma multipliers, layer l's update is the
+    scaled one times gamma^(L-1-l) (Algorithm 1 as printed)."""
+    torch.manual_seed(8)
+    net = _fc()
+    x, y = _batch(net)
+    loss = build_loss("cross_entropy:reduction=sum")
+    ups = {}
+    for flag in (True, False):
+        algo = build_algorithm(f"gait:normalize=false,gamma=1e-2,ortho=0,scale_local={str(flag).lower()}", net, loss)
+        algo.step(x, y)
+        ups[flag] = algo.task_updates
+    L = len(net.layers)
+    for l in range(L):
+        key = f"layers.{l}.linear.weight"
+        torch.testing.assert_close(ups[False][key], ups[True][key] * 1e-2 ** (L - 1 - l), rtol=1e-12, atol=0)
+
+
+def test_zero_error_sample_gives_zero_update_without_nan():
+    torch.manual_seed(9)
+    net = _fc()
+    x, _ = _batch(net, 3)
+    with torch.no_grad():
+        y = net(x).clone()
+    y[0] += 0.5  # only sample 0 has an error
+    loss = build_loss("mse")
+    algo = build_algorithm("gait:ortho=0,gamma=1e-3", net, loss)
+    algo.step(x, y)
+    x0 = x[:1]
+    algo0 = build_algorithm("gait:ortho=0,gamma=1e-3", net, loss)
+    grads_all = dict(algo.task_updates)
+    algo0.step(x0, y[:1])
+    for k, v in grads_all.items():
+        assert torch.isfinite(v).all()
+        torch.testing.assert_close(v, algo0.task_updates[k], rtol=1e-10, atol=1e-14)
+
+
+def test_gait_lowers_the_training_loss_float32():
+    torch.manual_seed(10)
+    net = invertible_from_arch("20-16-16-12-3")
+    x = torch.randn(64, 20)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    loss = build_loss("cross_entropy")
+    algo = build_algorithm("gait:ortho=1", net, loss)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        res = algo.step(x, y)
+        first = float(res.loss) if first is None else first
+        opt.step()
+    with torch.no_grad():
+        assert float(loss(net(x), y)) < 0.5 * first
+    assert all(math.isfinite(v) for v in algo.diagnostics().values())
+
+
+def test_gait_refuses_non_invertible_models_and_bad_options():
+    loss = build_loss("cross_entropy")
+    with pytest.raises(ConfigError, match="invertible network"):
+        build_algorithm("gait", MLP("20-16-5", act="leaky_relu"), loss)
+    net = invertible_from_arch("20-16-5")
+    for spec, pattern in [("gait:gamma=0", "gamma"), ("gait:eta=1e-3", "eta"), ("gait:norm=l1", "norm"),
+                          ("gait:ortho=-1", "ortho"), ("gait:normalize=maybe", "normalize")]:
+        with pytest.raises(ConfigError, match=pattern):
+            build_algorithm(spec, net, loss)
+
+
+def test_model_from_arch_builds_the_invertible_net_for_check():
+    from creditlab.check import run_check
+
+    res = run_check("gait:gamma=1e-6", arch="40-40-30-5", act="leaky_relu", loss="cross_entropy:reduction=sum",
+                    dtype="float64", batch=16)
+    angles = [r["angle_deg"] for r in res["layers"]]
+    assert len(angles) == 3 and max(angles) < 1e-2 and angles[-1] < 1e-6
