@@ -73,6 +73,11 @@ class Algorithm:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def reported_updates(self) -> dict[str, Tensor] | None:
+        """Updates to compare with backprop, by parameter name, if they differ from ``.grad``
+        (e.g. before a regularizer is added); None means ``.grad`` is the update."""
+        return None
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Algorithm":
         return self
 

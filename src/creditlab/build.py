@@ -1,0 +1,74 @@
+"""Building a run's pieces from a resolved config: data, model, loss, algorithm, optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from creditlab.algorithms import Algorithm, build_algorithm
+from creditlab.data import Dataset, load_dataset
+from creditlab.errors import ConfigError
+from creditlab.losses import Loss, build_loss
+from creditlab.models import MLP, build_named_model, parse_arch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine; use device: cpu")
+    return dev
+
+
+def build_data(cfg: dict) -> Dataset:
+    return load_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_size"])
+
+
+def output_size(cfg: dict, data: Dataset) -> int:
+    return data.in_features if cfg["task"] == "autoencode" else data.num_classes
+
+
+def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Module:
+    """The config's model on its dtype and device; the layer spec must fit the data."""
+    m = cfg["model"]
+    if m["name"]:
+        model = build_named_model(m["name"], tuple(data_shape), num_out, **m["options"])
+    else:
+        sizes = parse_arch(m["arch"])
+        n_in = 1
+        for s in data_shape:
+            n_in *= int(s)
+        if sizes[0] != n_in:
+            raise ConfigError(f"model.arch {m['arch']!r} starts with {sizes[0]} inputs but the data has {n_in} "
+                              f"features per sample (shape {tuple(data_shape)})")
+        if sizes[-1] != num_out:
+            what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
+            raise ConfigError(f"model.arch {m['arch']!r} ends with {sizes[-1]} outputs but the data has {num_out} {what}")
+        model = MLP(sizes, m["act"], m["out_act"], m["bias"], m["init"])
+    return model.to(device=resolve_device(cfg["device"]), dtype=DTYPES[cfg["dtype"]])
+
+
+def build_optimizer(cfg: dict, model: nn.Module, algo: Algorithm) -> torch.optim.Optimizer:
+    o = cfg["optimizer"]
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
+    groups += algo.param_groups(o["lr"])
+    if o["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    return torch.optim.Adam(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+
+
+def build_all(cfg: dict, data: Dataset) -> tuple[nn.Module, Loss, Algorithm, torch.optim.Optimizer]:
+    """Model, loss, algorithm, optimizer, drawn from the global RNG seeded with cfg['seed']."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, data.in_shape, output_size(cfg, data))
+    loss = build_loss(cfg["loss"])
+    algo = build_algorithm(cfg["algo"], model, loss)
+    return model, loss, algo, build_optimizer(cfg, model, algo)

@@ -1,0 +1,246 @@
+"""The ``creditlab`` command line: train, compare, check, relax, bench.
+
+Errors a user can fix (bad config, missing or corrupted data, divergence) are printed as one
+message without a traceback; exit codes: 2 bad input, 3 divergence, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from creditlab import config as config_mod
+from creditlab.errors import CreditlabError, DivergenceError
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in _split_specs(text) if s.strip()]
+
+
+def _split_specs(text: str) -> list[str]:
+    """Split ``bp,ar:steps=10,eta=0.1,fa`` into specs: a comma starts a new spec unless what
+    follows looks like ``key=value`` (an option of the previous spec)."""
+    parts, out = text.split(","), []
+    for part in parts:
+        if out and "=" in part.split(":")[0] and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(s) for s in text.split(",") if s.strip()]
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(s) for s in text.lower().split("x"))
+
+
+def _load_cfg(args, **extra) -> dict:
+    over = {"dataset": getattr(args, "dataset", None), "epochs": getattr(args, "epochs", None),
+            "data_dir": getattr(args, "data_dir", None), "device": getattr(args, "device", None), **extra}
+    if args.config:
+        return config_mod.load(args.config, **over)
+    return config_mod.resolve(None, **over)
+
+
+def cmd_train(args) -> int:
+    from creditlab.train import train
+
+    cfg = _load_cfg(args, algo=args.algo, seed=args.seed)
+    out = Path(args.out or Path("runs") / f"{cfg['name']}-{cfg['algo'].replace(':', '_').replace(',', '_')}-s{cfg['seed']}")
+    print(f"training {cfg['algo']} on {cfg['dataset']} -> {out}", flush=True)
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from creditlab.compare import QUICKSTART, compare
+
+    over = {"algos": _csv(args.algos), "seeds": _ints(args.seeds)}
+    if args.config:
+        cfg = _load_cfg(args, **over)
+    else:
+        over.update(dataset=args.dataset, epochs=args.epochs, data_dir=args.data_dir, device=args.device)
+        cfg = config_mod.resolve(QUICKSTART, **over)
+    out = Path(args.out or Path("runs") / cfg["name"])
+    summary = compare(cfg, out, progress=not args.quiet, resume=args.resume)
+    print((out / "summary.md").read_text())
+    print(f"run directory: {out}")
+    return 0 if summary else 1
+
+
+def cmd_check(args) -> int:
+    from creditlab.check import run_check
+
+    res = run_check(args.algo, arch=args.arch, model=args.model, act=args.act, out_act=args.out_act,
+                    bias=not args.no_bias, init=args.init, batch=args.batch, dtype=args.dtype, loss=args.loss,
+                    seed=args.seed, device=args.device or "cpu", in_shape=_shape(args.in_shape),
+                    classes=args.classes, dataset=args.dataset)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{res['algo']} vs autograd ({res['dtype']}, batch {res['batch']}, {res['loss']})")
+        for r in res["layers"]:
+            print(f"  {r['name']:<24} angle {r['angle_deg']:10.6f} deg   rel. error {r['rel_error']:.3e}")
+        print(f"  mean angle {res['mean_angle_deg']:.6f} deg")
+    return 0
+
+
+def cmd_relax(args) -> int:
+    import torch
+
+    from creditlab.diagnostics.relaxation import relaxation_traces
+    from creditlab.losses import build_loss
+    from creditlab.models import MLP, parse_arch
+    from creditlab.plots import plot_relaxation
+
+    etas = [float(e) for e in args.etas.split(",")]
+    torch.manual_seed(args.seed)
+    sizes = parse_arch(args.arch)
+    model = MLP(sizes, args.act, "linear", bias=False, init=args.init).double()
+    if args.dataset:
+        from creditlab.data import load_dataset
+
+        d = load_dataset(args.dataset)
+        x, y = d.x_train[: args.batch].double(), d.y_train[: args.batch]
+    else:
+        x, y = torch.rand(args.batch, sizes[0], dtype=torch.float64), torch.randint(0, sizes[-1], (args.batch,))
+    res = relaxation_traces(model, build_loss(args.loss), x, y, etas, args.steps, args.schedule, args.init_state)
+    res["arch"] = args.arch
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "relax.json").write_text(json.dumps(res))
+        ref = str(0.1 if 0.1 in etas else etas[0])
+        layers = res["layers"][ref]
+        plot_relaxation(out / "relax_layers.png", {f"x^{l + 1}": [row[l] for row in layers] for l in range(len(layers[0]))},
+                        f"eta = {ref} ({args.schedule})")
+        plot_relaxation(out / "relax_etas.png", {f"eta = {e}": res["mean"][e] for e in res["mean"]}, "mean over layers")
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for e, tr in res["mean"].items():
+            print(f"eta {e:>6}: MSE to backprop gradient at t=0 {tr[0]:.3e}, t={len(tr) - 1} {tr[-1]:.3e}")
+        if args.out:
+            print(f"written: {args.out}/relax.json, relax_layers.png, relax_etas.png")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from creditlab.bench import run_bench
+
+    algos = _csv(args.algos) or ["bp", "ar", "ar:mode=simulate,steps=100"]
+    arch = None if args.model else args.arch
+    res = run_bench(algos, arch=arch, model=args.model, act=args.act, out_act=args.out_act, bias=args.bias,
+                    init=args.init, batch=args.batch, loss=args.loss, dtype=args.dtype, device=args.device or "cpu",
+                    repeats=args.repeats, warmup=args.warmup, in_shape=_shape(args.in_shape), classes=args.classes)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"one training step, median of {res['repeats']} ({res['device']}, {res['threads']} threads, "
+              f"{res['dtype']}, batch {res['batch']})")
+        for r in res["results"]:
+            print(f"  {r['algo']:<44} {r['ms_per_step']:9.3f} ms   {r['ratio_vs_bp']:6.2f}x bp")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="creditlab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, data=True):
+        sp.add_argument("--config", help="YAML experiment file")
+        sp.add_argument("--out", help="run directory")
+        sp.add_argument("--epochs", type=int)
+        sp.add_argument("--dataset")
+        sp.add_argument("--data-dir", help="folder with the dataset files (before $CREDITLAB_DATA and the cache)")
+        sp.add_argument("--device")
+        sp.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint(s)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train one algorithm and seed")
+    common(t)
+    t.add_argument("--algo", help="algorithm spec, e.g. ar:steps=100,eta=0.1")
+    t.add_argument("--seed", type=int)
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("compare", help="every algorithm x seed on identical batches (default: the quick start)")
+    common(c)
+    c.add_argument("--algos", help="comma-separated specs, e.g. bp,ar,ar:feedback=learned,derivative=false")
+    c.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    c.set_defaults(fn=cmd_compare)
+
+    def model_args(sp, arch_default=None, bias_flag="--no-bias", init="xavier"):
+        sp.add_argument("--arch", default=arch_default, help="MLP layer spec, e.g. 784-300-300-100-10")
+        sp.add_argument("--model", help="built-in model name or package.module:factory")
+        sp.add_argument("--act", default="relu")
+        sp.add_argument("--out-act", default="linear")
+        sp.add_argument("--init", default=init)
+        sp.add_argument("--batch", type=int, default=64)
+        sp.add_argument("--dtype", default="float32")
+        sp.add_argument("--loss", default="mse")
+        sp.add_argument("--device")
+        sp.add_argument("--in-shape", help="input shape for --model, e.g. 1x28x28 or 3x32x32")
+        sp.add_argument("--classes", type=int, default=10)
+        sp.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("check", help="one batch: per-layer angle and error of an algorithm's updates vs autograd")
+    model_args(k)
+    k.add_argument("--algo", required=True)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--no-bias", action="store_true")
+    k.add_argument("--dataset", help="take the batch from this dataset instead of random inputs")
+    k.set_defaults(fn=cmd_check)
+
+    r = sub.add_parser("relax", help="AR convergence trace to the backprop gradient (paper Fig. 1)")
+    r.add_argument("--arch", default="784-300-300-100-10")
+    r.add_argument("--act", default="relu")
+    r.add_argument("--init", default="normal(0.05)")
+    r.add_argument("--etas", default="0.5,0.2,0.1,0.05")
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--schedule", default="synchronous", choices=["synchronous", "sweep"])
+    r.add_argument("--init-state", default="forward", choices=["forward", "zero"])
+    r.add_argument("--loss", default="mse")
+    r.add_argument("--batch", type=int, default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dataset", help="take the batch from this dataset (e.g. mnist-mini)")
+    r.add_argument("--out")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_relax)
+
+    b = sub.add_parser("bench", help="time one training step of each algorithm against bp")
+    model_args(b, arch_default="784-300-300-100-10", init="normal(0.05)")
+    b.add_argument("--algos")
+    b.add_argument("--bias", action="store_true")
+    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except DivergenceError as e:
+        print(f"creditlab: {e}", file=sys.stderr)
+        return 3
+    except CreditlabError as e:
+        code = 130 if type(e).__name__ == "Interrupted" else 2
+        print(f"creditlab: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("creditlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""The one training loop, for every algorithm.
+
+Per batch: ``optimizer.zero_grad(set_to_none=True)``; ``algo.step(x, y)`` writes the updates
+into ``.grad``; every ``log_every`` steps the per-layer angle to a shadow autograd backprop on
+the same batch (before the update) is logged; ``optimizer.step()``. Per epoch: accuracy on
+the validation and test splits, a checkpoint (atomic), metrics. The loop never branches on the
+algorithm.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged
+step and per epoch), ``metrics.csv`` (the epoch rows), ``summary.json``, ``checkpoint.pt`` and
+PNG plots. ``resume=True`` continues from the checkpoint (saved at every epoch end and on
+Ctrl-C) and ends with the same numbers as an uninterrupted run: batch order and augmentation
+are functions of (seed, epoch, step), and the RNG state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from creditlab import config as config_mod
+from creditlab.algorithms import Algorithm
+from creditlab.build import DTYPES, build_all, build_data, resolve_device
+from creditlab.data import Dataset, augment_batch, batch_indices, epoch_generator, iterate
+from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
+from creditlab.errors import ConfigError, CreditlabError, DivergenceError
+from creditlab.losses import Loss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Interrupted(CreditlabError):
+    """Ctrl-C during training: the checkpoint was saved; ``--resume`` continues."""
+
+
+def prepare_batch(cfg: dict, data: Dataset, xb: Tensor, yb: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    xb = xb.to(device=device, dtype=dtype)
+    if cfg["task"] == "autoencode":
+        return xb, xb.reshape(xb.shape[0], -1)
+    return xb, yb.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batch: int = 1000) -> dict[str, float]:
+    """Accuracy (classify) and mean per-sample loss over a split, in eval mode."""
+    was = model.training
+    model.eval()
+    dtype, device = DTYPES[cfg["dtype"]], next(model.parameters()).device
+    correct, total, loss_sum = 0, 0, 0.0
+    for xb, yb in iterate(x, y, batch):
+        xb, tb = prepare_batch(cfg, None, xb, yb, dtype, device)  # type: ignore[arg-type]
+        out = model(xb)
+        loss_sum += float(loss.per_sample(out, tb).sum())
+        if cfg["task"] == "classify":
+            correct += int((out.argmax(1) == tb).sum())
+        total += len(xb)
+    model.train(was)
+    res = {"loss": loss_sum / max(total, 1)}
+    if cfg["task"] == "classify":
+        res["accuracy"] = correct / max(total, 1)
+    return res
+
+
+def check_finite(model: nn.Module, algo: Algorithm, loss: Tensor, step: int) -> None:
+    """Stop with a message naming the step, the layer and the algorithm on NaN/inf."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    named += [(f"{algo.name}.{g.get('name', 'state')}[{i}]", p.grad)
+              for g in algo.param_groups(1.0) for i, p in enumerate(g["params"]) if p.grad is not None]
+    flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for _, g in named])
+    if bool(flags.all()):
+        return
+    where = "loss" if not bool(flags[0]) else next(n for (n, _), ok in zip(named, flags[1:]) if not bool(ok))
+    raise DivergenceError(
+        f"divergence at step {step}: non-finite values in {where} (algorithm {algo.spec}); "
+        f"hint: {algo.divergence_hint}. Metrics up to here are in the run directory.",
+        step=step, where=where,
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_signature(model: nn.Module) -> list[list]:
+    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CreditlabError(f"{path}: cannot load checkpoint ({e})") from None
+    if ck.get("signature") != model_signature(model):
+        raise ConfigError(
+            f"{path}: checkpoint is for a different architecture ({ck.get('model_spec', '?')}); "
+            f"this config builds {getattr(model, 'spec', lambda: type(model).__name__)()}. "
+            "Use another --out directory or the config the checkpoint was made with."
+        )
+    return ck
+
+
+class MetricsWriter:
+    """Appends JSON lines; on resume truncates to what the checkpoint had seen."""
+
+    def __init__(self, path: Path, keep_lines: int | None):
+        self.path = path
+        if keep_lines is None:
+            path.write_text("")
+            self.lines = 0
+        else:
+            kept = path.read_text().splitlines()[:keep_lines] if path.exists() else []
+            path.write_text("".join(line + "\n" for line in kept))
+            self.lines = len(kept)
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.f.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool) -> dict:
+    s: dict[str, Any] = {"algo": algo.spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
+                         "epochs": len(history), "finished": finished}
+    if history:
+        last = history[-1]
+        s["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
+        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss"):
+            if key in last:
+                s[key] = last[key]
+        if "val_accuracy" in last:
+            best = max(history, key=lambda h: h["val_accuracy"])
+            s["best_val_accuracy"] = best["val_accuracy"]
+            s["best_val_epoch"] = best["epoch"]
+            s["test_accuracy_at_best_val"] = best["test_accuracy"]
+            s["best_test_accuracy_over_training"] = max(h["test_accuracy"] for h in history)
+        else:
+            best = min(history, key=lambda h: h["val_loss"])
+            s["best_val_loss"] = best["val_loss"]
+            s["best_val_epoch"] = best["epoch"]
+            s["test_loss_at_best_val"] = best["test_loss"]
+    finite = [a for a in angles if not math.isnan(a)]
+    s["mean_angle_deg"] = sum(finite) / len(finite) if finite else None
+    return s
+
+
+def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+          data: Dataset | None = None) -> dict:
+    """Train one (algorithm, seed) run as configured; returns the summary (also written to
+    ``out_dir/summary.json``). Raises DivergenceError on NaN/inf, Interrupted on Ctrl-C."""
+    cfg = config_mod.resolve(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    data = data if data is not None else build_data(cfg)
+    if data.x_train.device != device:
+        data.to(device)
+    model, loss, algo, optimizer = build_all(cfg, data)
+    ck_path = out / CHECKPOINT
+    start_epoch, start_step, global_step, history, angles, keep = 0, 0, 0, [], [], None
+    if resume:
+        if not ck_path.exists():
+            raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
+        ck = load_checkpoint(ck_path, model)
+        model.load_state_dict(ck["model"])
+        algo.load_state_dict(ck["algorithm"])
+        optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_state(ck["rng"])
+        start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        history, angles, keep = ck["history"], ck["angles"], ck["metrics_lines"]
+    (out / "config.yaml").write_text(config_mod.dump(cfg))
+    metrics = MetricsWriter(out / "metrics.jsonl", keep)
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        save_checkpoint(ck_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
+            "rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "history": history, "angles": angles, "metrics_lines": metrics.lines,
+            "signature": model_signature(model), "model_spec": str(getattr(model, "spec", lambda: "")()),
+            "config": config_mod.dump(cfg),
+        })
+
+    summary: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            algo.on_epoch_start(epoch)
+            model.train()
+            batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch)
+            first = start_step if epoch == start_epoch else 0
+            t_epoch, loss_sum, correct, seen = 0.0, 0.0, 0, 0
+            if first:
+                prev = history and history[-1].get("_partial")
+                t_epoch, loss_sum, correct, seen = prev if prev else (0.0, 0.0, 0, 0)
+                history = [h for h in history if "_partial" not in h]
+            bar = _progress(range(first, len(batches)), progress, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
+            step_in_epoch = first
+            try:
+                for i in bar:
+                    idx = batches[i]
+                    xb, yb = prepare_batch(cfg, data, data.x_train[idx], data.y_train[idx], dtype, device)
+                    if cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"):
+                        gen = epoch_generator(cfg["seed"], epoch * 1_000_003 + i, salt=1)
+                        xb = augment_batch(xb, cfg["augment"]["crop_pad"], cfg["augment"]["flip"], gen)
+                    t0 = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    res = algo.step(xb, yb)
+                    check_finite(model, algo, res.loss, global_step)
+                    log_now = cfg["log_every"] > 0 and global_step % cfg["log_every"] == 0
+                    if log_now:
+                        t_log = time.perf_counter()
+                        rows = layer_angles(model, algo.reported_updates() or current_updates(model),
+                                            backprop_grads(model, loss, xb, yb))
+                        t0 += time.perf_counter() - t_log  # diagnostics are not training time
+                    optimizer.step()
+                    t_epoch += time.perf_counter() - t0
+                    global_step += 1
+                    step_in_epoch = i + 1
+                    loss_sum += float(res.loss)
+                    seen += len(xb)
+                    if cfg["task"] == "classify":
+                        correct += int((res.output.argmax(1) == yb).sum())
+                    if log_now:
+                        m = mean_angle(rows)
+                        angles.append(m)
+                        metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": float(res.loss),
+                                       "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
+                                       **res.extras, **algo.diagnostics()})
+            except KeyboardInterrupt:
+                history.append({"_partial": [t_epoch, loss_sum, correct, seen]})
+                checkpoint(epoch, step_in_epoch)
+                raise Interrupted(f"interrupted in epoch {epoch + 1} after step {global_step}; checkpoint saved "
+                                  f"in {ck_path}; continue with --resume") from None
+            for p in model.parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise DivergenceError(f"divergence in epoch {epoch + 1}: non-finite weights after the update "
+                                          f"(algorithm {algo.spec}); hint: {algo.divergence_hint}", step=global_step)
+            record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": global_step, "seconds": t_epoch,
+                                      "train_loss": loss_sum / max(seen, 1)}
+            if cfg["task"] == "classify":
+                record["train_accuracy"] = correct / max(seen, 1)
+            for split in ("val", "test"):
+                x, y = data.split(split)
+                if len(x):
+                    for k, v in evaluate(model, loss, x, y, cfg).items():
+                        record[f"{split}_{k}"] = v
+            history.append(record)
+            metrics.write(record)
+            checkpoint(epoch + 1, 0)
+            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"])
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if progress:
+                _report(record)
+    finally:
+        metrics.close()
+        if history and not any("_partial" in h for h in history):
+            _write_csv(out / "metrics.csv", history)
+            _plots(out, history, angles_from(out / "metrics.jsonl"))
+    if not summary:
+        summary = _summary(cfg, algo, history, angles, finished=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def angles_from(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "step" and r.get("angles"):
+                rows.append(r)
+    return rows
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _report(record: dict) -> None:
+    parts = [f"epoch {record['epoch']}"] + [f"{k} {v:.4f}" for k, v in record.items()
+                                            if k.endswith(("accuracy", "loss")) and isinstance(v, float)]
+    print("  " + "  ".join(parts) + f"  ({record['seconds']:.1f}s)", flush=True)
+
+
+def _write_csv(path: Path, history: list[dict]) -> None:
+    keys = sorted({k for h in history for k in h if k != "kind"})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for h in history:
+            w.writerow({k: h.get(k, "") for k in keys})
+
+
+def _plots(out: Path, history: list[dict], step_rows: list[dict]) -> None:
+    from creditlab.plots import plot_angles, plot_curves
+
+    plot_curves(out / "accuracy.png", {"": history})
+    if step_rows:
+        plot_angles(out / "angles.png", step_rows)
