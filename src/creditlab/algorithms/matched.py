@@ -48,10 +48,15 @@ class Matched(FeedbackLearner):
         for i in range(len(self.B)):
             w = self.net.blocks[i + 1].layer.weight
             self.B[i].grad = w.grad.detach().clone() + self.decay * self.B[i]
+        self._reported = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         for blk in self.net.blocks:
             w = blk.layer.weight
             if w.grad is not None:
                 w.grad = w.grad + self.decay * w.detach()
+
+    def reported_updates(self) -> dict[str, Tensor] | None:
+        """The feedback-alignment update before the weight decay (for the angle to backprop)."""
+        return getattr(self, "_reported", None)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.B), "lr": lr, "weight_decay": 0.0}]
