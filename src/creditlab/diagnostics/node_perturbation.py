@@ -103,3 +103,72 @@ def summarize(report: dict[str, Any]) -> dict[str, float]:
         if len(parts) == 3 and not math.isnan(v):
             acc.setdefault(parts[1], []).append(float(v))
     return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+# ---- figures (paper Figs. 2A-C, 3B-C) ---------------------------------------------------------
+
+METRICS = (("rel_error", "relative error |W - B| / |W|"), ("grad_angle_deg", "angle to true dL/dh (deg)"),
+           ("sign_pct", "sign agreement W, B (%)"))
+
+
+def read_step_rows(metrics_jsonl: str) -> list[dict]:
+    """The logged step rows of a run's metrics.jsonl."""
+    import json
+
+    rows = []
+    with open(metrics_jsonl) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "step":
+                rows.append(r)
+    return rows
+
+
+def plot_feedback_diagnostics(path: str, runs: dict[str, list[dict]]) -> None:
+    """Three panels (relative error, synthetic-gradient angle, sign agreement) against the
+    step, one line per (run, layer), from the step rows of metrics.jsonl (Fig. 2A-C / 4A-C)."""
+    from creditlab.plots import plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (metric, label) in zip(axes, METRICS):
+        for run, rows in runs.items():
+            keys = sorted({k for r in rows for k in r if k.split("/")[1:2] == [metric]})
+            for k in keys:
+                pts = [(r["step"], r[k]) for r in rows if k in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{run} {k.split('/')[-1]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_autoencoder(path: str, model: nn.Module, x: Tensor, labels: Tensor, latent_layer: int = 1, n_show: int = 8) -> None:
+    """Latent codes coloured by digit (Fig. 3B) and reconstructions (Fig. 3C) of an MLP
+    autoencoder; ``latent_layer`` indexes the hidden layer whose output is the code."""
+    from creditlab.plots import plt
+
+    was = model.training
+    model.eval()
+    tr = model.trace(x)
+    model.train(was)
+    z = tr.xs[latent_layer + 1].cpu()
+    rec = tr.xs[-1].cpu()
+    fig = plt.figure(figsize=(12, 5))
+    ax = fig.add_subplot(1, 2, 1)
+    fig.suptitle("latent code (left); inputs (top) and reconstructions (bottom)")
+    sc = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=4)
+    fig.colorbar(sc, ax=ax)
+    ax.set_title("latent code")
+    side = int(round(math.sqrt(x[0].numel())))
+    for k in range(n_show):
+        for row, img in ((0, x[k].reshape(side, side)), (1, rec[k].reshape(side, side))):
+            a = fig.add_subplot(2, 2 * n_show, row * 2 * n_show + n_show + k + 1)
+            a.imshow(img.cpu(), cmap="gray")
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
