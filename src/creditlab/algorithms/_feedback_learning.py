@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult
 from creditlab.errors import ConfigError
-from creditlab.models import MLP
+from creditlab.models import MLP, Activation
 from creditlab.models.init import init_weight_
 from creditlab.spec import choice
 
@@ -281,6 +281,8 @@ class FeedbackLearner(Algorithm):
                 init_weight_(b, init, fan_in=p, fan_out=q)
                 self.B.append(b)
         self._last: tuple[Tensor, Tensor] | None = None
+        self._params = self.model_params()
+        self._block_params = [p for blk in self.net.blocks for p in blk.layer.parameters() if p.requires_grad]
 
     # ---- subclass hooks ------------------------------------------------------------------
     def targets(self, x: Tensor, y: Tensor, clean: CleanPass) -> list[Tensor] | None:
@@ -305,13 +307,22 @@ class FeedbackLearner(Algorithm):
                 pre.append(a)
                 out.append(h)
             per = self.loss.per_sample(out[-1], y)
-            value = self.loss(out[-1], y)
+            value = per.sum() if self.loss.reduction == "sum" else per.mean()  # = self.loss(out, y)
             (e_out,) = torch.autograd.grad(value, pre[-1], retain_graph=True)
         return CleanPass(pre, out, per.detach(), value.detach(), e_out.detach())
 
     def feedback(self, i: int, e: Tensor) -> Tensor:
         """g^i = e @ B_i reshaped to h^i (e: the regressor, batch x p)."""
         return (e.reshape(e.shape[0], -1) @ self.B[i]).reshape((e.shape[0],) + self.h_shapes[i])
+
+    def through_post(self, i: int, g: Tensor, clean: CleanPass) -> Tensor:
+        """e~^i: g^i carried back through block i's parameter-free modules (g o f'(a^i) for
+        an MLP activation, autograd through pooling/flatten/dropout otherwise)."""
+        post = self.net.blocks[i].post
+        if isinstance(post, Activation):
+            return g * post.df(clean.pre[i].detach())
+        (e,) = torch.autograd.grad(clean.out[i], clean.pre[i], grad_outputs=g, retain_graph=True)
+        return e
 
     def regressor(self, i: int, es: list[Tensor | None], e_out: Tensor) -> Tensor:
         e = es[i + 1] if self.form == "fa" else e_out
@@ -327,8 +338,7 @@ class FeedbackLearner(Algorithm):
 
     # ---- the interface -------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        params = self.model_params()
-        for p in params:
+        for p in self._params:
             p.grad = None
         clean = self.clean_pass(x, y)
         tg = self.targets(x, y, clean)
@@ -341,8 +351,7 @@ class FeedbackLearner(Algorithm):
             regs[i] = X
             if self.order == "sequential" and tg is not None:
                 self.fit_b(i, X, tg[i])
-            g = self.feedback(i, X)
-            (es[i],) = torch.autograd.grad(clean.out[i], clean.pre[i], grad_outputs=g, retain_graph=True)
+            es[i] = self.through_post(i, self.feedback(i, X), clean)
         if self.steps >= self.warmup:
             self.write_updates(clean, es)
         if self.order == "simultaneous" and tg is not None:
@@ -354,12 +363,12 @@ class FeedbackLearner(Algorithm):
         return StepResult(clean.loss, clean.out[-1].detach(), {})
 
     def write_updates(self, clean: CleanPass, es: list[Tensor | None]) -> None:
-        """.grad of every block's parameters = dL/dtheta with e~^i injected at a^i."""
-        for blk, a, e in zip(self.net.blocks, clean.pre, es):
-            ps = [p for p in blk.layer.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(a, ps, grad_outputs=e, retain_graph=True)
-            for p, g in zip(ps, grads):
-                p.grad = g.detach()
+        """.grad of every block's parameters = dL/dtheta with e~^i injected at a^i (one
+        autograd call: each a^i depends only on its own block's parameters)."""
+        ps = self._block_params
+        grads = torch.autograd.grad(clean.pre, ps, grad_outputs=es, retain_graph=True)
+        for p, g in zip(ps, grads):
+            p.grad = g.detach()
 
     def after_updates(self, clean: CleanPass, es: list[Tensor | None]) -> None:
         """Hook run after the W updates are written (``matched`` uses it)."""

@@ -73,7 +73,7 @@ def hidden_gradients(algo: "FeedbackLearner", x: Tensor, y: Tensor) -> tuple[lis
             g = algo.feedback(i, algo.regressor(i, es, clean.e_out))
             synth[i] = g.detach()
             with torch.enable_grad():
-                (es[i],) = torch.autograd.grad(clean.out[i], clean.pre[i], grad_outputs=g, retain_graph=True)
+                es[i] = algo.through_post(i, g, clean)
         set_rng_state(dev, state)
         with torch.enable_grad():
             hs, out = algo.net.hidden_outputs(x)
