@@ -1,7 +1,8 @@
 """The networks of Lansdell, Prakash & Kording (ICLR 2020), Appendix C.
 
 * ``lansdell_mnist``: 784-50-20-10 MLP with a sigmoid at every layer, the output included
-  (y = sigma(W h), §2; Appendix C.1). The width of the first hidden layer is an option
+  (y = sigma(W h), §2; Appendix C.1; the authors' code has a linear output: ``out_act=linear``).
+  The width of the first hidden layer is an option
   (``hidden``) for the 784-N-50-10 sweep of Fig. 4D/E (then use ``hidden2=50``).
 * ``lansdell_autoencoder``: 784-200-2-200-784 MLP with tanh, identity, tanh, relu (C.2).
   The output width is the input size (the target is the flattened input).
@@ -30,10 +31,13 @@ def _flat(in_shape: tuple[int, ...]) -> int:
 
 
 @register_model("lansdell_mnist")
-def lansdell_mnist(in_shape, num_classes, hidden: int = 50, hidden2: int = 20, init: str = "xavier_normal", bias: bool = True) -> MLP:
-    """784-50-20-10 sigmoid MLP (sigmoid output), Lansdell et al. 2020 Fig. 2."""
+def lansdell_mnist(in_shape, num_classes, hidden: int = 50, hidden2: int = 20, init: str = "xavier_normal",
+                   bias: bool = True, out_act: str = "sigmoid") -> MLP:
+    """784-50-20-10 sigmoid MLP (sigmoid output), Lansdell et al. 2020 Fig. 2.
+
+    ``out_act=linear`` gives the authors' code (NPModel4*: y = W h, no output sigmoid)."""
     sizes = [_flat(in_shape), int(hidden), int(hidden2), int(num_classes)]
-    return MLP(sizes, act="sigmoid", out_act="sigmoid", bias=bias, init=init)
+    return MLP(sizes, act="sigmoid", out_act=out_act, bias=bias, init=init)
 
 
 @register_model("lansdell_autoencoder")
