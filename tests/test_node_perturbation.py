@@ -93,12 +93,13 @@ def test_ridge_update_equals_batch_ridge_solution():
 
 # ---- Theorem 2: ridge-fitted B converges to W in a deep linear net ---------------------------
 
-def _fixed_w_ridge_errors(arch: str, act: str, sigma: float, steps: int, batch: int, seed: int = 0) -> list[float]:
+def _fixed_w_ridge_errors(arch: str, act: str, sigma: float, steps: int, batch: int, seed: int = 0,
+                          form: str = "fa") -> list[float]:
     """Relative error |W - B|/|W| per layer after ``steps`` batches of ridge-fitted NP with W
     frozen (warm-up longer than the run); also checks that W did not move."""
     model = mlp(arch, act=act, out_act=act, seed=seed, init="orthogonal")
     w_before = [p.detach().clone() for p in model.parameters()]
-    algo = build_algorithm(f"np:sigma={sigma},fit=ridge,gamma=0.1,warmup=1000000", model, build_loss("mse"))
+    algo = build_algorithm(f"np:sigma={sigma},form={form},fit=ridge,gamma=0.1,warmup=1000000", model, build_loss("mse"))
     gen = torch.Generator().manual_seed(seed + 1)
     n_in, n_out = model.sizes[0], model.sizes[-1]
     batches = [(torch.randn(batch, n_in, dtype=DT, generator=gen), torch.rand(batch, n_out, dtype=DT, generator=gen))
@@ -117,6 +118,13 @@ def test_ridge_fitted_feedback_converges_to_forward_weights_in_deep_linear_net()
     tiny_noise = _fixed_w_ridge_errors("6-4-4-4", "linear", sigma=1e-5, steps=200, batch=256)
     assert all(m < f / 4 for m, f in zip(many, few)), (few, many)
     assert max(many) < 0.1 and max(tiny_noise) < 0.1, (many, tiny_noise)
+
+
+def test_ridge_fitted_direct_feedback_converges_to_product_of_forward_weights_in_linear_net():
+    # Corollary 1: in the DFA form B^{i+1} -> W^{N+1} ... W^{i+1}.
+    few = _fixed_w_ridge_errors("6-4-4-4", "linear", sigma=1e-2, steps=3, batch=256, form="dfa")
+    many = _fixed_w_ridge_errors("6-4-4-4", "linear", sigma=1e-2, steps=150, batch=256, form="dfa")
+    assert all(m < f / 4 for m, f in zip(many, few)) and max(many) < 0.1, (few, many)
 
 
 def test_ridge_fitted_feedback_bias_shrinks_with_noise_in_shallow_sigmoid_net():
@@ -318,3 +326,29 @@ def test_fa_form_on_convolutional_model_is_rejected_with_hint():
     model = build_named_model("lansdell_cnn", (3, 32, 32), 10, width=0.0625)
     with pytest.raises(ConfigError, match="form=dfa"):
         build_algorithm("np:form=fa", model, build_loss("cross_entropy"))
+
+
+def test_training_loop_logs_and_plots_the_three_diagnostics(tmp_path):
+    from creditlab.diagnostics.node_perturbation import plot_feedback_diagnostics, read_step_rows
+    from creditlab.train import train
+
+    cfg = {"dataset": "fake:n=256,classes=4,shape=1x4x4", "model": {"arch": "16-8-6-4", "act": "sigmoid", "out_act": "sigmoid"},
+           "loss": "mse", "algo": "np:sigma=0.01,fit=ridge,warmup=4", "optimizer": {"name": "sgd", "lr": 0.01},
+           "epochs": 1, "batch_size": 32, "log_every": 2, "threads": 1}
+    train(cfg, tmp_path / "run", progress=False)
+    rows = read_step_rows(str(tmp_path / "run" / "metrics.jsonl"))
+    for metric in ("rel_error", "grad_angle_deg", "sign_pct"):
+        assert all(f"np/{metric}/layers.{i}" in rows[-1] for i in (1, 2))
+    plot_feedback_diagnostics(str(tmp_path / "diag.png"), {"np": rows})
+    assert (tmp_path / "diag.png").stat().st_size > 0
+
+
+def test_autoencoder_with_denoising_input_and_np_runs_in_the_training_loop(tmp_path):
+    from creditlab.train import train
+
+    for algo in ("bp:input_noise=0.3", "np:sigma=0.02,b_lr=1e-4", "sg", "matched"):
+        cfg = {"dataset": "fake:n=128,classes=4,shape=1x4x4", "task": "autoencode",
+               "model": {"name": "lansdell_autoencoder", "options": {"hidden": 8}}, "loss": "mse", "algo": algo,
+               "optimizer": {"name": "sgd", "lr": 1e-3}, "epochs": 1, "batch_size": 32, "log_every": 2, "threads": 1}
+        s = train(cfg, tmp_path / algo.replace(":", "_"), progress=False)
+        assert math.isfinite(s["test_loss"])
