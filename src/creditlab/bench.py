@@ -40,7 +40,7 @@ def run_bench(algos: list[str], arch: str | None = "784-300-300-100-10", model: 
     runs = []
     for spec in specs:
         torch.manual_seed(seed)
-        net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes).to(device=dev, dtype=dt)
+        net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=spec).to(device=dev, dtype=dt)
         lossf = build_loss(loss)
         algo = build_algorithm(spec, net, lossf)
         groups = [{"params": list(net.parameters())}] + algo.param_groups(lr)

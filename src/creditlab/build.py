@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from creditlab.algorithms import Algorithm, build_algorithm
+from creditlab.algorithms import Algorithm, algorithm_class, build_algorithm
 from creditlab.data import Dataset, load_dataset
 from creditlab.errors import ConfigError
 from creditlab.losses import Loss, build_loss
 from creditlab.models import MLP, build_named_model, parse_arch
+from creditlab.spec import parse_spec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -36,6 +37,15 @@ def output_size(cfg: dict, data: Dataset) -> int:
     return data.in_features if cfg["task"] == "autoencode" else data.num_classes
 
 
+def mlp_for(algo: str | None, sizes: list[int], act, out_act: str, bias: bool, init: str) -> nn.Module:
+    """The model for a layer spec: the algorithm's own (``model_from_arch``) or a plain MLP."""
+    if algo:
+        model = algorithm_class(parse_spec(algo)[0]).model_from_arch(sizes, act, out_act, bias, init)
+        if model is not None:
+            return model
+    return MLP(sizes, act, out_act, bias, init)
+
+
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Module:
     """The config's model on its dtype and device; the layer spec must fit the data."""
     m = cfg["model"]
@@ -52,7 +62,7 @@ def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Modu
         if sizes[-1] != num_out:
             what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
             raise ConfigError(f"model.arch {m['arch']!r} ends with {sizes[-1]} outputs but the data has {num_out} {what}")
-        model = MLP(sizes, m["act"], m["out_act"], m["bias"], m["init"])
+        model = mlp_for(cfg["algo"], sizes, m["act"], m["out_act"], m["bias"], m["init"])
     return model.to(device=resolve_device(cfg["device"]), dtype=DTYPES[cfg["dtype"]])
 
 

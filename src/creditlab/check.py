@@ -7,19 +7,20 @@ from typing import Any
 import torch
 
 from creditlab.algorithms import build_algorithm
-from creditlab.build import DTYPES, resolve_device
+from creditlab.build import DTYPES, mlp_for, resolve_device
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
-from creditlab.models import MLP, build_named_model, parse_arch
+from creditlab.models import build_named_model, parse_arch
 
 
 def make_model(arch: str | None, model: str | None, act: str, out_act: str, bias: bool, init: str,
-               in_shape: tuple[int, ...], classes: int, options: dict | None = None) -> torch.nn.Module:
+               in_shape: tuple[int, ...], classes: int, options: dict | None = None,
+               algo: str | None = None) -> torch.nn.Module:
     if (arch is None) == (model is None):
         raise ConfigError("give exactly one of --arch (a layer spec) or --model (a built-in model name)")
     if arch is not None:
-        return MLP(parse_arch(arch), act, out_act, bias, init)
+        return mlp_for(algo, parse_arch(arch), act, out_act, bias, init)
     return build_named_model(model, in_shape, classes, **(options or {}))  # type: ignore[arg-type]
 
 
@@ -44,7 +45,7 @@ def run_check(algo: str, arch: str | None = None, model: str | None = None, act:
             classes = parse_arch(arch)[-1]
         x = torch.rand((batch, *in_shape))
         y = torch.randint(0, classes, (batch,))
-    net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes).to(device=dev, dtype=dt)
+    net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=algo).to(device=dev, dtype=dt)
     x, y = x.to(device=dev, dtype=dt), y.to(dev)
     lossf = build_loss(loss)
     algorithm = build_algorithm(algo, net, lossf)

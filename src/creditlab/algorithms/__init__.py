@@ -78,6 +78,13 @@ class Algorithm:
         (e.g. before a regularizer is added); None means ``.grad`` is the update."""
         return None
 
+    @classmethod
+    def model_from_arch(cls, sizes: list[int], act: str | list[str], out_act: str, bias: bool,
+                        init: str) -> nn.Module | None:
+        """The model this algorithm trains for an MLP layer spec, if not the plain :class:`MLP`
+        (e.g. GAIT-prop's invertible version); None means the plain MLP."""
+        return None
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Algorithm":
         return self
 

@@ -24,7 +24,8 @@ authors' code does). Two modes:
       w_k = C(T,k) (1-eta)^(T-k) eta^k            (synchronous)
       w_k = (1-eta)^T C(T+k-1,k) eta^k            (sweep, negative-binomial weights).
   So x(T)_l = x*_l + sum_k w_k J_l^T...J_{l+k-1}^T e_{l+k}, e = x(0) - x*: O(L^2)
-  Jacobian-vector products, batched into one matmul per layer. ``init=zero`` needs only x*:
+  Jacobian-vector products, batched into one matmul per layer (see :func:`relax_exact` for the
+  order that keeps the widest layers cheapest). ``init=zero`` needs only x*:
   x(T)_l = (1 - sum_{k<=L-1-l} w_k) x*_l. ``steps=inf`` returns x*.
 
 Learned feedback (Eq. 6): psi_l (shape of W_l^T) receives exactly the weight update's local
@@ -36,6 +37,7 @@ with the same optimizer and learning rate and no decay, psi - W^T stays at its i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +55,8 @@ from creditlab.spec import choice
 # ----------------------------------------------------------------------------------------
 # pure functions
 # ----------------------------------------------------------------------------------------
-def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> list[float]:
+@functools.lru_cache(maxsize=256)
+def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> tuple[float, ...]:
     """w_k, k = 0..kmax, of M^T = sum_k w_k N^k (see the module docstring)."""
     out = []
     for k in range(kmax + 1):
@@ -67,7 +70,7 @@ def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> list
                 out.append(1.0 if k == 0 else 0.0)
                 continue
             out.append(_binom_term(math.comb(steps + k - 1, k), 1.0 - eta, steps, eta, k))
-    return out
+    return tuple(out)
 
 
 def _binom_term(comb: int, q: float, qexp: int, p: float, pexp: int) -> float:
@@ -113,6 +116,11 @@ class Relaxation:
         d = self.deriv[l]
         return (v if d is None else v * d) @ self.back[l]  # type: ignore[operator]
 
+    def euler(self, l: int, x: Tensor, above: Tensor, eta: float) -> Tensor:
+        """One Euler step x + eta (-x + J_l^T above), fused into one addmm."""
+        d = self.deriv[l]
+        return torch.addmm(x, above if d is None else above * d, self.back[l], beta=1.0 - eta, alpha=eta)  # type: ignore[arg-type]
+
     def fixed_point(self) -> list[Tensor | None]:
         """x*_l for l = 1..L (index L is the clamp); index 0 is None."""
         L = self.depth
@@ -126,7 +134,14 @@ class Relaxation:
 def relax_exact(
     rel: Relaxation, init: list[Tensor | None] | None, steps: float, eta: float, schedule: str
 ) -> list[Tensor | None]:
-    """States after ``steps`` Euler steps in closed form (``init`` None means zero states)."""
+    """States after ``steps`` Euler steps in closed form (``init`` None means zero states).
+
+    With a_m = 1 - sum_{k <= L-1-m} w_k, x(T) = (I - M^T) x* + M^T x(0) reads, per layer,
+    x(T)_m = a_m x*_m + sum_{j >= m} w_{j-m} J_m^T...J_{j-1}^T x(0)_j. Folding a_m x*_m into the
+    chain from the clamp gives one vector per target layer m, G_m, carried down from the top:
+    G_m <- a_m c at the output, G_m <- w_{l-m} x(0)_l + J_l^T G_m at layer l >= m, x(T)_m = G_m at
+    layer m. Layer l carries the l vectors of the layers at or below it through one batched
+    product, so the widest (lowest) layers see the fewest."""
     L = rel.depth
     if math.isinf(steps):
         return rel.fixed_point()
@@ -134,30 +149,23 @@ def relax_exact(
     w = relaxation_weights(T, eta, schedule, max(L - 2, 0))
     xs: list[Tensor | None] = [None] * (L + 1)
     xs[L] = rel.clamp
+    cum = [0.0] * (L + 1)
+    for m in range(L - 1, 0, -1):
+        cum[m] = cum[m + 1] + w[L - 1 - m]
+    a = [1.0 - cum[m] for m in range(L)]  # a[m] for m = 1..L-1
     if init is None:
         star = rel.fixed_point()
-        cum = 0.0
-        for l in range(L - 1, 0, -1):
-            cum += w[L - 1 - l]
-            xs[l] = star[l] * (1.0 - cum)  # type: ignore[operator]
+        for m in range(1, L):
+            xs[m] = star[m] * a[m]  # type: ignore[operator]
         return xs
-    # carry x* and the graded stack chain(l+k -> l) e_{l+k}, k = 0.., through one batched
-    # Jacobian-transpose product per layer.
-    star_above = rel.clamp
-    stack: Tensor | None = None  # (K, B, n_{l+1})
+    c = rel.clamp
+    # G[m-1] for m = 1..l, stacked: (l, B, n)
+    scale = torch.tensor(a[1:L], dtype=c.dtype, device=c.device).view(-1, 1, 1)
+    G = scale * c.unsqueeze(0)
     for l in range(L - 1, 0, -1):
-        if stack is None:
-            star_l = rel.jt(l, star_above)
-            e = init[l] - star_l  # type: ignore[operator]
-            stack = e.unsqueeze(0)
-        else:
-            moved = rel.jt(l, torch.cat([star_above.unsqueeze(0), stack], 0))
-            star_l = moved[0]
-            e = init[l] - star_l  # type: ignore[operator]
-            stack = torch.cat([e.unsqueeze(0), moved[1:]], 0)
-        wk = torch.tensor(w[: stack.shape[0]], dtype=stack.dtype, device=stack.device)
-        xs[l] = star_l + torch.tensordot(wk, stack, dims=1)
-        star_above = star_l
+        wl = torch.tensor([w[l - m] for m in range(1, l + 1)], dtype=c.dtype, device=c.device).view(-1, 1, 1)
+        G = rel.jt(l, G[:l]) + wl * init[l].unsqueeze(0)  # type: ignore[union-attr]
+        xs[l] = G[l - 1]
     return xs
 
 
@@ -188,12 +196,12 @@ def relax_simulate(
     record()
     for _ in range(int(steps)):
         if schedule == "synchronous":
-            new = [xs[l] + eta * (-xs[l] + rel.jt(l, xs[l + 1])) for l in range(1, L)]  # type: ignore[operator,arg-type]
+            new = [rel.euler(l, xs[l], xs[l + 1], eta) for l in range(1, L)]  # type: ignore[arg-type]
             for l in range(1, L):
                 xs[l] = new[l - 1]
         else:
             for l in range(L - 1, 0, -1):
-                xs[l] = xs[l] + eta * (-xs[l] + rel.jt(l, xs[l + 1]))  # type: ignore[operator,arg-type]
+                xs[l] = rel.euler(l, xs[l], xs[l + 1], eta)  # type: ignore[arg-type]
         record()
     return xs, trace
 

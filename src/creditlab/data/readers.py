@@ -14,6 +14,7 @@ import io
 import pickle
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def read_cifar_npz(path: Path, expect_train: int | None = 50000, expect_test: in
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as e:
         raise DataError(f"{path}: missing array {e}; expected x_train, y_train, x_test, y_test") from None
-    except (OSError, ValueError, zlib.error, EOFError) as e:
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupted") from None
     for split, n in (("train", expect_train), ("test", expect_test)):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]

@@ -1,0 +1,170 @@
+"""The training loop: reproducible reruns, resume after SIGKILL and Ctrl-C equal to an
+uninterrupted run, divergence stops with a message, checkpoints refuse other architectures,
+configs are validated at the edge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from creditlab import config as config_mod
+from creditlab.errors import ConfigError, CreditlabError, DivergenceError
+from creditlab.train import train
+
+SMALL = {"dataset": "fake:n=400,shape=1x6x6", "model": {"arch": "36-16-10", "act": "tanh"}, "loss": "cross_entropy",
+         "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": 2, "batch_size": 32, "log_every": 5,
+         "threads": 1}
+
+
+def epoch_rows(run: Path) -> list[dict]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds", None)
+    return rows
+
+
+@pytest.mark.parametrize("algo", ["bp", "ar:steps=20", "ar:feedback=learned,derivative=false"])
+def test_same_seed_and_config_give_identical_metrics(tmp_path, algo):
+    cfg = dict(SMALL, algo=algo)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    assert epoch_rows(tmp_path / "a") == epoch_rows(tmp_path / "b")
+    other = train(dict(cfg, seed=1), tmp_path / "c", progress=False)
+    assert epoch_rows(tmp_path / "c") != epoch_rows(tmp_path / "a") and other["epochs"] == 2
+
+
+def test_run_directory_holds_config_metrics_summary_checkpoint_and_plots(tmp_path):
+    s = train(dict(SMALL, algo="ar"), tmp_path, progress=False)
+    for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoint.pt", "accuracy.png", "angles.png"):
+        assert (tmp_path / f).is_file(), f
+    for k in ("test_accuracy", "val_accuracy", "train_accuracy", "epochs", "seconds_per_epoch", "algo"):
+        assert k in s
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["algo"] == "ar"
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "creditlab", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_ends_with_the_same_numbers(tmp_path):
+    cfg = dict(SMALL, algo="ar:mode=simulate,steps=40", epochs=4, dataset="fake:n=1200,shape=1x6x6")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    train(cfg, tmp_path / "ref", progress=False)
+    run = tmp_path / "killed"
+    proc = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--quiet"])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoint.pt").exists():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--resume", "--quiet"])
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert epoch_rows(run) == epoch_rows(tmp_path / "ref")
+    ref, got = json.loads((tmp_path / "ref" / "summary.json").read_text()), json.loads((run / "summary.json").read_text())
+    assert {k: v for k, v in got.items() if "second" not in k} == {k: v for k, v in ref.items() if "second" not in k}
+
+
+def test_ctrl_c_saves_and_resume_continues_mid_epoch_identically(tmp_path):
+    cfg = dict(SMALL, algo="ar:mode=simulate,steps=60", epochs=2, dataset="fake:n=3000,shape=1x6x6", log_every=3)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    train(cfg, tmp_path / "ref", progress=False)
+    run = tmp_path / "int"
+    proc = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--quiet"])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for some logged steps, then Ctrl-C
+        m = run / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step_in_epoch"] > 0  # saved in the middle of an epoch
+    done = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--resume", "--quiet"])
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert epoch_rows(run) == epoch_rows(tmp_path / "ref")
+
+
+def test_divergence_stops_naming_step_layer_and_algorithm_and_keeps_metrics(tmp_path):
+    cfg = dict(SMALL, algo="ar:eta=1.9,steps=500", loss="mse", log_every=1, epochs=3,
+               optimizer={"name": "sgd", "lr": 1e4})
+    with pytest.raises(DivergenceError, match=r"divergence at step \d+: non-finite values in .*algorithm ar.*hint: lower eta"):
+        train(cfg, tmp_path, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text().strip()  # what was logged stays on disk
+
+
+def test_divergence_exits_non_zero_from_the_command_line(tmp_path):
+    cfg = dict(SMALL, algo="bp", loss="mse", optimizer={"name": "sgd", "lr": 1e6}, log_every=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r"), "--quiet"])
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3 and "divergence" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    train(dict(SMALL, algo="bp", epochs=1), tmp_path, progress=False)
+    other = dict(SMALL, algo="bp", epochs=2, model={"arch": "36-20-10", "act": "tanh"})
+    with pytest.raises(ConfigError, match="different architecture"):
+        train(other, tmp_path, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+    with pytest.raises(CreditlabError, match="no checkpoint"):
+        train(dict(SMALL, algo="bp"), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"epochz": 3}, "unknown config key 'epochz'"),
+    ({"epochs": "ten"}, "epochs = 'ten' has type str; expected int"),
+    ({"optimizer": {"lr": -0.1}}, "optimizer.lr=-0.1 must be positive"),
+    ({"optimizer": {"name": "rmsprop"}}, "optimizer.name='rmsprop'; valid: sgd, adam"),
+    ({"model": {"depth": 3}}, "unknown config key model.'depth'"),
+    ({"algo": "xx"}, "unknown algorithm 'xx'"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"dataset": "svhn"}, "dataset='svhn'"),
+])
+def test_invalid_configs_are_refused_naming_the_key(raw, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        config_mod.resolve(raw)
+
+
+def test_layer_spec_not_matching_the_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="starts with 784 inputs but the data has 36 features"):
+        train(dict(SMALL, model={"arch": "784-10"}), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="ends with 7 outputs but the data has 10 classes"):
+        train(dict(SMALL, model={"arch": "36-7"}), tmp_path, progress=False)
+
+
+def test_autoencode_task_reports_reconstruction_loss(tmp_path):
+    cfg = dict(SMALL, task="autoencode", loss="mse:reduction=mean", model={"arch": "36-8-36", "act": "tanh"},
+               algo="ar", epochs=2, optimizer={"name": "sgd", "lr": 0.01})
+    s = train(cfg, tmp_path, progress=False)
+    assert "test_loss" in s and "test_accuracy" not in s
+    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "epoch"]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_ar_training_learns_mnist_mini_above_chance(tmp_path):
+    cfg = {"dataset": "mnist-mini", "model": {"arch": "784-64-10", "act": "relu"}, "loss": "cross_entropy",
+           "algo": "ar:feedback=learned,derivative=false", "optimizer": {"name": "sgd", "lr": 0.1},
+           "epochs": 1, "batch_size": 64, "log_every": 0}
+    s = train(cfg, tmp_path, progress=False)
+    assert s["test_accuracy"] > 0.7
