@@ -352,3 +352,17 @@ def test_autoencoder_with_denoising_input_and_np_runs_in_the_training_loop(tmp_p
                "optimizer": {"name": "sgd", "lr": 1e-3}, "epochs": 1, "batch_size": 32, "log_every": 2, "threads": 1}
         s = train(cfg, tmp_path / algo.replace(":", "_"), progress=False)
         assert math.isfinite(s["test_loss"])
+
+
+def test_cnn_output_layer_update_equals_autograd_under_the_same_dropout_mask():
+    torch.manual_seed(10)
+    model = build_named_model("lansdell_cnn", (3, 32, 32), 10, width=0.0625).to(DT).train()
+    loss = build_loss("cross_entropy")
+    algo = build_algorithm("np:form=dfa,sigma=0.067", model, loss)
+    x, y = torch.rand(6, 3, 32, 32, dtype=DT), torch.randint(0, 10, (6,))
+    state = torch.get_rng_state()
+    algo.step(x, y)
+    last = model[16]
+    torch.set_rng_state(state)  # autograd replays the clean pass's dropout masks
+    gw, gb = torch.autograd.grad(loss(model(x), y), [last.weight, last.bias])
+    assert torch.allclose(last.weight.grad, gw, atol=1e-12) and torch.allclose(last.bias.grad, gb, atol=1e-12)
