@@ -121,3 +121,19 @@ def test_shipped_experiments_validate_and_quickstart_file_equals_the_default():
     for f in files:
         config.load(f)
     assert config.load(root / "quickstart.yaml") == config.resolve(QUICKSTART)
+
+
+def test_search_command_runs_trials_selected_on_validation(tmp_path, capsys):
+    import yaml
+
+    cfg = {"dataset": "fake:n=300,shape=1x6x6", "model": {"arch": "36-12-10", "act": "tanh"}, "algo": "dtp",
+           "loss": "cross_entropy", "optimizer": {"name": "adam", "lr": 1e-3}, "epochs": 1, "batch_size": 50,
+           "log_every": 0, "threads": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run(["search", "--config", str(tmp_path / "c.yaml"), "--trials", "2", "--out",
+                        str(tmp_path / "s"), "--quiet"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert res["best"] is not None and "best_test_at_selected_epoch" in res
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert saved["selected_on"] == "validation" and len(saved["trials"]) == 2

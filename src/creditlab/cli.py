@@ -1,4 +1,4 @@
-"""The ``creditlab`` command line: train, compare, check, relax, bench.
+"""The ``creditlab`` command line: train, compare, check, relax, bench, search.
 
 Errors a user can fix (bad config, missing or corrupted data, divergence) are printed as one
 message without a traceback; exit codes: 2 bad input, 3 divergence, 130 interrupted."""
@@ -41,7 +41,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 def _load_cfg(args, **extra) -> dict:
     over = {"dataset": getattr(args, "dataset", None), "epochs": getattr(args, "epochs", None),
-            "data_dir": getattr(args, "data_dir", None), "device": getattr(args, "device", None), **extra}
+            "data_dir": getattr(args, "data_dir", None), "device": getattr(args, "device", None),
+            "threads": getattr(args, "threads", None), **extra}
     if args.config:
         return config_mod.load(args.config, **over)
     return config_mod.resolve(None, **over)
@@ -65,7 +66,8 @@ def cmd_compare(args) -> int:
     if args.config:
         cfg = _load_cfg(args, **over)
     else:
-        over.update(dataset=args.dataset, epochs=args.epochs, data_dir=args.data_dir, device=args.device)
+        over.update(dataset=args.dataset, epochs=args.epochs, data_dir=args.data_dir, device=args.device,
+                    threads=args.threads)
         cfg = config_mod.resolve(QUICKSTART, **over)
     out = Path(args.out or Path("runs") / cfg["name"])
     summary = compare(cfg, out, progress=not args.quiet, resume=args.resume)
@@ -149,6 +151,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from creditlab.search import run_search
+
+    cfg = _load_cfg(args)
+    out = Path(args.out or Path("runs") / f"{cfg['name']}-search")
+    res = run_search(cfg, args.trials, out, seed=args.seed, progress=not args.quiet)
+    print(json.dumps({k: res.get(k) for k in ("best", "best_test_at_selected_epoch", "best_test_over_training")}
+                     | {"search": str(out / "search.json")}, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="creditlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dataset")
         sp.add_argument("--data-dir", help="folder with the dataset files (before $CREDITLAB_DATA and the cache)")
         sp.add_argument("--device")
+        sp.add_argument("--threads", type=int, help="torch threads per run (config key threads)")
         sp.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint(s)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -212,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_relax)
+
+    s = sub.add_parser("search", help="random search over the config's space, selected on the validation split")
+    common(s)
+    s.add_argument("--trials", type=int, default=60, help="number of random trials (the Bartunov et al. search used 60)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the search's sampler")
+    s.set_defaults(fn=cmd_search)
 
     b = sub.add_parser("bench", help="time one training step of each algorithm against bp")
     model_args(b, arch_default="784-300-300-100-10", init="normal(0.05)")

@@ -244,7 +244,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                     t_epoch += time.perf_counter() - t0
                     global_step += 1
                     step_in_epoch = i + 1
-                    loss_sum += float(res.loss)
+                    loss_sum += float(res.loss) * (len(xb) if loss.reduction == "mean" else 1)
                     seen += len(xb)
                     if cfg["task"] == "classify":
                         correct += int((res.output.argmax(1) == yb).sum())
@@ -264,7 +264,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                     raise DivergenceError(f"divergence in epoch {epoch + 1}: non-finite weights after the update "
                                           f"(algorithm {algo.spec}); hint: {algo.divergence_hint}", step=global_step)
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": global_step, "seconds": t_epoch,
-                                      "train_loss": loss_sum / max(seen, 1)}
+                                      "train_loss": loss_sum / max(seen, 1)}  # mean per-sample loss
             if cfg["task"] == "classify":
                 record["train_accuracy"] = correct / max(seen, 1)
             for split in ("val", "test"):
