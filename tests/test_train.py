@@ -168,3 +168,11 @@ def test_ar_training_learns_mnist_mini_above_chance(tmp_path):
            "epochs": 1, "batch_size": 64, "log_every": 0}
     s = train(cfg, tmp_path, progress=False)
     assert s["test_accuracy"] > 0.7
+
+
+def test_train_subset_uses_only_the_first_images(tmp_path):
+    s = train(dict(SMALL, algo="bp", epochs=1, train_subset=64, log_every=0), tmp_path, progress=False)
+    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "epoch"]
+    assert rows[0]["step"] == 2 and s["epochs"] == 1  # 64 images, batch 32
+    with pytest.raises(ConfigError, match="train_subset=5000 exceeds"):
+        train(dict(SMALL, algo="bp", train_subset=5000), tmp_path / "x", progress=False)

@@ -30,7 +30,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_data(cfg: dict) -> Dataset:
-    return load_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_size"])
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["val_size"])
+    n = cfg["train_subset"]
+    if n is not None:
+        if n > len(data.x_train):
+            raise ConfigError(f"train_subset={n} exceeds the {len(data.x_train)} training images of {cfg['dataset']}")
+        data.x_train, data.y_train = data.x_train[:n], data.y_train[:n]
+    return data
 
 
 def output_size(cfg: dict, data: Dataset) -> int:

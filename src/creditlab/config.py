@@ -7,6 +7,7 @@ Schema (every key, with its default; ``null`` = unset)::
     dataset: mnist-mini           # mnist | fashion-mnist | cifar10 | mnist-mini | fake[:opts]
     data_dir: null                # folder with the dataset files (else $CREDITLAB_DATA, cache)
     val_size: null                # held-out tail of the training set (dataset default)
+    train_subset: null            # train on the first N training images only (small budgets)
     task: classify                # classify | autoencode (target = the flattened input)
     augment: null                 # {crop_pad: 4, flip: vertical|horizontal|both|none}
     model:                        # an MLP from a layer spec ...
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "mnist-mini",
     "data_dir": None,
     "val_size": None,
+    "train_subset": None,
     "task": "classify",
     "augment": None,
     "model": {"arch": "784-300-300-100-10", "act": "relu", "out_act": "linear", "bias": True,
@@ -71,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "dataset": (str,), "data_dir": (str, type(None)), "val_size": (int, float, type(None)),
+    "train_subset": (int, type(None)),
     "task": (str,), "augment": (dict, type(None)), "model": (dict,), "loss": (str, dict), "algo": (str,),
     "algos": (list,), "optimizer": (dict,), "epochs": (int,), "batch_size": (int,), "seed": (int,),
     "seeds": (list,), "dtype": (str,), "device": (str,), "log_every": (int,), "threads": (int, type(None)),
@@ -128,6 +131,8 @@ def validate(cfg: dict) -> None:
     for key in ("epochs", "batch_size"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]} must be positive")
+    if cfg["train_subset"] is not None and cfg["train_subset"] <= 0:
+        raise ConfigError(f"train_subset={cfg['train_subset']} must be a positive number of images (or null)")
     if cfg["log_every"] < 0:
         raise ConfigError(f"log_every={cfg['log_every']} must be >= 0 (0 disables angle logging)")
     if cfg["task"] not in ("classify", "autoencode"):
