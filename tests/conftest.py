@@ -25,7 +25,10 @@ def data_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path, monkeypatch):
-    """No test writes into the user's cache or downloads anything by accident."""
+    """No test writes into the user's cache or downloads anything by accident; one torch thread
+    (intra-op threading only adds contention for these small nets on 2 cores)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

@@ -11,13 +11,6 @@ from creditlab.losses import build_loss
 from creditlab.models import MLP
 from creditlab.models.locally_connected import LocallyConnected2d
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared CPU cores: intra-op threading only adds contention for these small nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -7,13 +7,6 @@ from torch import nn
 from creditlab.errors import ConfigError
 from creditlab.models.locally_connected import LocallyConnected2d, parameter_count
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared CPU cores: intra-op threading only adds contention for these small nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

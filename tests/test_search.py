@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from creditlab.algorithms import build_algorithm
 from creditlab.errors import ConfigError
@@ -13,12 +12,6 @@ from creditlab.models import MLP
 from creditlab.search import TABLE4, run_search, sample_trial
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_trials_stay_in_the_table4_space_and_only_set_options_the_algorithm_has():

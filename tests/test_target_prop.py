@@ -12,13 +12,6 @@ from creditlab.train import train
 
 ALGOS = ["tp", "dtp", "sdtp", "aosdtp:aux=16"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared CPU cores: intra-op threading only adds contention for these small nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
-from creditlab.algorithms.ar import relaxation_weights
+from creditlab.algorithms.ar import ActivationRelaxation, relaxation_weights
 from creditlab.errors import ConfigError
 from creditlab.models import MLP
 from creditlab.models.activations import Activation, ReLU, Sigmoid, Tanh
@@ -501,20 +501,8 @@ class GraphActivationRelaxation(Algorithm):
     ``ar`` on a model that is not an MLP builds this. Options as ``ar`` (module docstring)."""
 
     name = "graph_ar"
-    defaults = {
-        "mode": "exact",
-        "steps": 100,
-        "eta": 0.1,
-        "init": "forward",
-        "schedule": "synchronous",
-        "feedback": "transpose",
-        "derivative": True,
-        "update_derivative": True,
-        "feedback_lr": None,
-        "feedback_decay": 0.0,
-        "feedback_init": None,
-    }
-    divergence_hint = "lower eta (relaxation step) or the learning rate, or use mode=exact with steps=inf"
+    defaults = dict(ActivationRelaxation.defaults)  # the same options as the MLP ``ar``
+    divergence_hint = ActivationRelaxation.divergence_hint
 
     def __init__(self, model: nn.Module, loss, **options: Any):
         super().__init__(model, loss, **options)
