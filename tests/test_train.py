@@ -176,3 +176,12 @@ def test_train_subset_uses_only_the_first_images(tmp_path):
     assert rows[0]["step"] == 2 and s["epochs"] == 1  # 64 images, batch 32
     with pytest.raises(ConfigError, match="train_subset=5000 exceeds"):
         train(dict(SMALL, algo="bp", train_subset=5000), tmp_path / "x", progress=False)
+
+
+def test_logged_angles_of_backprop_on_a_dropout_model_are_zero(tmp_path):
+    """The shadow backprop replays the step's RNG, so dropout masks match the algorithm's."""
+    cfg = dict(SMALL, algo="bp", epochs=1, log_every=2,
+               model={"name": "tests.dropout_factory:make"})
+    train(cfg, tmp_path, progress=False)
+    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "step"]
+    assert rows and all(r["mean_angle_deg"] < 1e-3 for r in rows)

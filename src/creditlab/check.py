@@ -49,7 +49,9 @@ def run_check(algo: str, arch: str | None = None, model: str | None = None, act:
     x, y = x.to(device=dev, dtype=dt), y.to(dev)
     lossf = build_loss(loss)
     algorithm = build_algorithm(algo, net, lossf)
+    rng = torch.get_rng_state()
     reference = backprop_grads(net, lossf, x, y)
+    torch.set_rng_state(rng)  # the algorithm's forward draws the same dropout masks
     for p in net.parameters():
         p.grad = None
     algorithm.step(x, y)

@@ -98,6 +98,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def shadow_backprop(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, rng_before: dict[str, Any]) -> dict[str, Tensor]:
+    """Backprop's gradients on the batch the algorithm just used, with the RNG replayed to its
+    state before the algorithm's step, so stochastic layers (dropout) draw the same masks as the
+    algorithm's first forward pass; the RNG is then put back, so logging never changes training."""
+    after = _rng_state()
+    _set_rng_state(rng_before)
+    try:
+        return backprop_grads(model, loss, x, y)
+    finally:
+        _set_rng_state(after)
+
+
 def model_signature(model: nn.Module) -> list[list]:
     return [[k, list(v.shape)] for k, v in model.state_dict().items()]
 
@@ -230,15 +242,16 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                     if cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"):
                         gen = epoch_generator(cfg["seed"], epoch * 1_000_003 + i, salt=1)
                         xb = augment_batch(xb, cfg["augment"]["crop_pad"], cfg["augment"]["flip"], gen)
+                    log_now = cfg["log_every"] > 0 and global_step % cfg["log_every"] == 0
+                    rng_before = _rng_state() if log_now else None
                     t0 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
                     res = algo.step(xb, yb)
                     check_finite(model, algo, res.loss, global_step)
-                    log_now = cfg["log_every"] > 0 and global_step % cfg["log_every"] == 0
                     if log_now:
                         t_log = time.perf_counter()
                         rows = layer_angles(model, algo.reported_updates() or current_updates(model),
-                                            backprop_grads(model, loss, xb, yb))
+                                            shadow_backprop(model, loss, xb, yb, rng_before))
                         t0 += time.perf_counter() - t_log  # diagnostics are not training time
                     optimizer.step()
                     t_epoch += time.perf_counter() - t0
