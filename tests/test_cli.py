@@ -137,3 +137,18 @@ def test_search_command_runs_trials_selected_on_validation(tmp_path, capsys):
     assert res["best"] is not None and "best_test_at_selected_epoch" in res
     saved = json.loads((tmp_path / "s" / "search.json").read_text())
     assert saved["selected_on"] == "validation" and len(saved["trials"]) == 2
+
+
+def test_compare_continues_past_a_diverged_run_and_exits_3(tmp_path, capsys):
+    import yaml
+
+    cfg = {"dataset": "fake:n=200,shape=1x6x6", "model": {"arch": "36-12-10", "act": "tanh"}, "loss": "mse",
+           "algos": ["ar:steps=inf", "bp"], "optimizer": {"name": "sgd", "lr": 1e6}, "epochs": 1, "batch_size": 50,
+           "log_every": 0, "threads": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(["compare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 3 and "diverged" in err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [r["algo"] for r in s["algorithms"]] == ["ar:steps=inf", "bp"]  # both were attempted
+    assert {d["algo"] for d in s["diverged"]} == {"ar:steps=inf", "bp"}
+    assert "diverged" in (tmp_path / "o" / "summary.md").read_text()

@@ -72,7 +72,10 @@ def cmd_compare(args) -> int:
     summary = compare(cfg, out, progress=not args.quiet, resume=args.resume)
     print((out / "summary.md").read_text())
     print(f"run directory: {out}")
-    return 0 if summary else 1
+    if summary["diverged"]:
+        print(f"creditlab: {len(summary['diverged'])} run(s) diverged; see summary.json", file=sys.stderr)
+        return 3
+    return 0
 
 
 def cmd_check(args) -> int:

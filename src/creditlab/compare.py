@@ -12,6 +12,7 @@ from typing import Any
 
 from creditlab import config as config_mod
 from creditlab.build import build_data
+from creditlab.errors import DivergenceError
 from creditlab.train import angles_from, train
 
 #: The quick-start default: the AR paper's MLP set-up on the bundled MNIST subset.
@@ -72,7 +73,10 @@ def markdown_table(rows: list[dict], cfg: dict) -> str:
         return "-" if v is None else fmt.format(v)
 
     for r in rows:
-        common = f"| `{r['algo']}` | {len(r['seeds'])} | "
+        if not r["seeds"]:
+            lines.append(f"| `{r['algo']}` | 0 | diverged (seeds {r['diverged_seeds']}) |")
+            continue
+        common = f"| `{r['algo']}` | {len(r['seeds'])}{' (+' + str(len(r['diverged_seeds'])) + ' diverged)' if r.get('diverged_seeds') else ''} | "
         tail = f"{num(r.get('seconds_per_epoch_mean'))} | {num(r.get('mean_angle_deg_mean'))} |"
         if cls:
             lines.append(common + f"{pct(r, 'test_accuracy')} | {pct(r, 'val_accuracy')} | "
@@ -91,6 +95,7 @@ def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool 
     (out / "config.yaml").write_text(config_mod.dump(cfg))
     data = build_data(cfg)
     rows, curves, angle_curves = [], {}, {}
+    diverged: list[dict] = []
     for algo in cfg["algos"]:
         summaries, histories = [], []
         for seed in cfg["seeds"]:
@@ -98,19 +103,30 @@ def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool 
             if progress:
                 print(f"[{algo}] seed {seed} -> {run_dir}", flush=True)
             run_cfg = dict(cfg, algo=algo, seed=seed)
-            summaries.append(train(run_cfg, run_dir, progress=progress, data=data,
-                                   resume=resume and (run_dir / "checkpoint.pt").exists()))
+            try:
+                summaries.append(train(run_cfg, run_dir, progress=progress, data=data,
+                                       resume=resume and (run_dir / "checkpoint.pt").exists()))
+            except DivergenceError as e:  # one diverged run does not stop the comparison
+                print(f"[{algo}] seed {seed}: {e}", flush=True)
+                diverged.append({"algo": algo, "seed": seed, "message": str(e)})
+                continue
             histories.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                               if json.loads(line).get("kind") == "epoch"])
-        rows.append(aggregate(algo, list(cfg["seeds"]), summaries))
-        curves[algo] = histories[0]
+        ok_seeds = [sd for sd in cfg["seeds"] if not any(d["algo"] == algo and d["seed"] == sd for d in diverged)]
+        row = aggregate(algo, ok_seeds, summaries)
+        row["diverged_seeds"] = [d["seed"] for d in diverged if d["algo"] == algo]
+        rows.append(row)
+        if histories:
+            curves[algo] = histories[0]
         angle_curves[algo] = angles_from(out / slug(algo) / f"seed{cfg['seeds'][0]}" / "metrics.jsonl")
-    summary = {"name": cfg["name"], "dataset": cfg["dataset"], "algorithms": rows}
+    summary = {"name": cfg["name"], "dataset": cfg["dataset"], "algorithms": rows, "diverged": diverged}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_table(rows, cfg))
     from creditlab.plots import plot_compare_angles, plot_curves
 
     metric = "test_accuracy" if cfg["task"] == "classify" else "test_loss"
-    plot_curves(out / "test_curves.png", curves, metric=metric)
-    plot_compare_angles(out / "angles.png", angle_curves)
+    if curves:
+        plot_curves(out / "test_curves.png", curves, metric=metric)
+    if any(angle_curves.values()):
+        plot_compare_angles(out / "angles.png", angle_curves)
     return summary
