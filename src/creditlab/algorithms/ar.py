@@ -206,6 +206,24 @@ def relax_simulate(
     return xs, trace
 
 
+def check_relaxation_options(o: dict[str, Any]) -> None:
+    """Validate the options shared by ``ar`` on MLPs and on graphs (not ``derivative``)."""
+    choice("ar", "mode", o["mode"], ("exact", "simulate"))
+    choice("ar", "init", o["init"], ("forward", "zero"))
+    choice("ar", "schedule", o["schedule"], ("synchronous", "sweep"))
+    choice("ar", "feedback", o["feedback"], ("transpose", "random", "learned"))
+    steps = o["steps"]
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0) and not (
+            isinstance(steps, float) and math.isinf(steps)):
+        raise ConfigError(f"ar option steps={steps!r} must be a non-negative integer or inf")
+    if not (isinstance(o["eta"], (int, float)) and o["eta"] > 0):
+        raise ConfigError(f"ar option eta={o['eta']!r} must be a positive number")
+    if math.isinf(steps) and o["mode"] == "simulate":
+        raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
+    if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
+        raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
+
+
 # ----------------------------------------------------------------------------------------
 # the algorithm
 # ----------------------------------------------------------------------------------------
@@ -247,19 +265,7 @@ class ActivationRelaxation(Algorithm):
         super().__init__(model, loss, **options)
         self.mlp: MLP = require_mlp(model, self.name)
         o = self.options
-        choice("ar", "mode", o["mode"], ("exact", "simulate"))
-        choice("ar", "init", o["init"], ("forward", "zero"))
-        choice("ar", "schedule", o["schedule"], ("synchronous", "sweep"))
-        choice("ar", "feedback", o["feedback"], ("transpose", "random", "learned"))
-        steps = o["steps"]
-        if not (isinstance(steps, int) and steps >= 0) and not (isinstance(steps, float) and math.isinf(steps)):
-            raise ConfigError(f"ar option steps={steps!r} must be a non-negative integer or inf")
-        if not (isinstance(o["eta"], (int, float)) and o["eta"] > 0):
-            raise ConfigError(f"ar option eta={o['eta']!r} must be a positive number")
-        if math.isinf(steps) and o["mode"] == "simulate":
-            raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
-        if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
-            raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
+        check_relaxation_options(o)
         for key in ("derivative", "update_derivative"):
             if not isinstance(o[key], bool):
                 raise ConfigError(f"ar option {key}={o[key]!r} on an MLP must be true or false "

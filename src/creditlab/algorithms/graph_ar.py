@@ -59,12 +59,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
-from creditlab.algorithms.ar import ActivationRelaxation, relaxation_weights
+from creditlab.algorithms.ar import ActivationRelaxation, check_relaxation_options, relaxation_weights
 from creditlab.errors import ConfigError
 from creditlab.models import MLP
 from creditlab.models.activations import Activation, ReLU, Sigmoid, Tanh
 from creditlab.models.init import init_weight_
-from creditlab.spec import choice
 
 DERIVATIVE_CHOICES = (True, False, "no_conv", "no_fc")
 
@@ -507,23 +506,10 @@ class GraphActivationRelaxation(Algorithm):
     def __init__(self, model: nn.Module, loss, **options: Any):
         super().__init__(model, loss, **options)
         o = self.options
-        choice("ar", "mode", o["mode"], ("exact", "simulate"))
-        choice("ar", "init", o["init"], ("forward", "zero"))
-        choice("ar", "schedule", o["schedule"], ("synchronous", "sweep"))
-        choice("ar", "feedback", o["feedback"], ("transpose", "random", "learned"))
+        check_relaxation_options(o)
         for key in ("derivative", "update_derivative"):
             if o[key] not in DERIVATIVE_CHOICES or o[key] in (0, 1) and not isinstance(o[key], bool):
                 raise ConfigError(f"ar option {key}={o[key]!r} is not valid; choose one of: true, false, no_conv, no_fc")
-        steps = o["steps"]
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0) and not (
-                isinstance(steps, float) and math.isinf(steps)):
-            raise ConfigError(f"ar option steps={steps!r} must be a non-negative integer or inf")
-        if not (isinstance(o["eta"], (int, float)) and o["eta"] > 0):
-            raise ConfigError(f"ar option eta={o['eta']!r} must be a positive number")
-        if math.isinf(steps) and o["mode"] == "simulate":
-            raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
-        if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
-            raise ConfigError(f"ar option feedback_lr={o['feedback_lr']!r} must be positive")
         self.gm = trace_module(model)
         self._rec, self._rec_names = recording_module(self.gm)
         self.units, self.owner, self.out_node = build_units(self.gm)
