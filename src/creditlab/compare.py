@@ -13,7 +13,7 @@ from typing import Any
 from creditlab import config as config_mod
 from creditlab.build import build_data
 from creditlab.errors import DivergenceError
-from creditlab.train import angles_from, train
+from creditlab.train import angles_from, read_metrics, train
 
 #: The quick-start default: the AR paper's MLP set-up on the bundled MNIST subset.
 QUICKSTART: dict[str, Any] = {
@@ -110,8 +110,7 @@ def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool 
                 print(f"[{algo}] seed {seed}: {e}", flush=True)
                 diverged.append({"algo": algo, "seed": seed, "message": str(e)})
                 continue
-            histories.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                              if json.loads(line).get("kind") == "epoch"])
+            histories.append(read_metrics(run_dir / "metrics.jsonl", "epoch"))
         ok_seeds = [sd for sd in cfg["seeds"] if not any(d["algo"] == algo and d["seed"] == sd for d in diverged)]
         row = aggregate(algo, ok_seeds, summaries)
         row["diverged_seeds"] = [d["seed"] for d in diverged if d["algo"] == algo]

@@ -10,6 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str = "", legend_size: int = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(path: Path, runs: dict[str, list[dict]], metric: str | None = None) -> None:
     """Accuracy (or loss) per epoch: train/val/test for one run, or test for several."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -23,13 +35,7 @@ def plot_curves(path: Path, runs: dict[str, list[dict]], metric: str | None = No
                 key = key.replace("test_", f"{split}_")
             if key in history[0]:
                 ax.plot(epochs, [h[key] for h in history], marker="o", label=f"{label} {split}".strip())
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy" if "accuracy" in (metric or "accuracy") else "loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path, "epoch", "accuracy" if "accuracy" in (metric or "accuracy") else "loss")
 
 
 def plot_angles(path: Path, rows: list[dict]) -> None:
@@ -38,13 +44,7 @@ def plot_angles(path: Path, rows: list[dict]) -> None:
     steps = [r["step"] for r in rows]
     for name in rows[0]["angles"]:
         ax.plot(steps, [r["angles"].get(name) for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("angle to backprop (deg)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path, "step", "angle to backprop (deg)")
 
 
 def plot_compare_angles(path: Path, runs: dict[str, list[dict]]) -> None:
@@ -53,13 +53,7 @@ def plot_compare_angles(path: Path, runs: dict[str, list[dict]]) -> None:
     for label, rows in runs.items():
         if rows:
             ax.plot([r["step"] for r in rows], [r["mean_angle_deg"] for r in rows], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean angle to backprop (deg)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path, "step", "mean angle to backprop (deg)", legend_size=7)
 
 
 def plot_relaxation(path: Path, traces: dict[str, list[list[float]]], title: str = "") -> None:
@@ -68,11 +62,4 @@ def plot_relaxation(path: Path, traces: dict[str, list[list[float]]], title: str
     for label, trace in traces.items():
         if trace:
             ax.semilogy(range(len(trace)), [max(v, 1e-300) for v in trace], label=label)
-    ax.set_xlabel("relaxation step t")
-    ax.set_ylabel("MSE to backprop gradient")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path, "relaxation step t", "MSE to backprop gradient", title)

@@ -41,7 +41,7 @@ class Interrupted(CreditlabError):
     """Ctrl-C during training: the checkpoint was saved; ``--resume`` continues."""
 
 
-def prepare_batch(cfg: dict, data: Dataset, xb: Tensor, yb: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def prepare_batch(cfg: dict, xb: Tensor, yb: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     xb = xb.to(device=device, dtype=dtype)
     if cfg["task"] == "autoencode":
         return xb, xb.reshape(xb.shape[0], -1)
@@ -56,7 +56,7 @@ def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batc
     dtype, device = DTYPES[cfg["dtype"]], next(model.parameters()).device
     correct, total, loss_sum = 0, 0, 0.0
     for xb, yb in iterate(x, y, batch):
-        xb, tb = prepare_batch(cfg, None, xb, yb, dtype, device)  # type: ignore[arg-type]
+        xb, tb = prepare_batch(cfg, xb, yb, dtype, device)
         out = model(xb)
         loss_sum += float(loss.per_sample(out, tb).sum())
         if cfg["task"] == "classify":
@@ -69,11 +69,17 @@ def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batc
     return res
 
 
-def check_finite(model: nn.Module, algo: Algorithm, loss: Tensor, step: int) -> None:
+def checked_parameters(model: nn.Module, algo: Algorithm) -> list[tuple[str, Tensor]]:
+    """Every parameter whose update :func:`check_finite` inspects, named for the message."""
+    named = list(model.named_parameters())
+    named += [(f"{algo.name}.{g.get('name', 'state')}[{i}]", p)
+              for g in algo.param_groups(1.0) for i, p in enumerate(g["params"])]
+    return named
+
+
+def check_finite(params: list[tuple[str, Tensor]], algo: Algorithm, loss: Tensor, step: int) -> None:
     """Stop with a message naming the step, the layer and the algorithm on NaN/inf."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    named += [(f"{algo.name}.{g.get('name', 'state')}[{i}]", p.grad)
-              for g in algo.param_groups(1.0) for i, p in enumerate(g["params"]) if p.grad is not None]
+    named = [(n, p.grad) for n, p in params if p.grad is not None]
     flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for _, g in named])
     if bool(flags.all()):
         return
@@ -213,6 +219,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
     (out / "config.yaml").write_text(config_mod.dump(cfg))
     metrics = MetricsWriter(out / "metrics.jsonl", keep)
+    checked = checked_parameters(model, algo)
 
     def checkpoint(epoch: int, step_in_epoch: int, partial: list) -> None:
         save_checkpoint(ck_path, {
@@ -238,7 +245,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             try:
                 for i in bar:
                     idx = batches[i]
-                    xb, yb = prepare_batch(cfg, data, data.x_train[idx], data.y_train[idx], dtype, device)
+                    xb, yb = prepare_batch(cfg, data.x_train[idx], data.y_train[idx], dtype, device)
                     if cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"):
                         gen = epoch_generator(cfg["seed"], epoch * 1_000_003 + i, salt=1)
                         xb = augment_batch(xb, cfg["augment"]["crop_pad"], cfg["augment"]["flip"], gen)
@@ -247,7 +254,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                     t0 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
                     res = algo.step(xb, yb)
-                    check_finite(model, algo, res.loss, global_step)
+                    check_finite(checked, algo, res.loss, global_step)
                     if log_now:
                         t_log = time.perf_counter()
                         rows = layer_angles(model, algo.reported_updates() or current_updates(model),
@@ -303,14 +310,17 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     return summary
 
 
+def read_metrics(path: Path, kind: str) -> list[dict]:
+    """The ``kind`` records ("step" or "epoch") of a run's metrics.jsonl."""
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines())
+    return [r for r in records if r.get("kind") == kind]
+
+
 def angles_from(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("kind") == "step" and r.get("angles"):
-                rows.append(r)
-    return rows
+    """The logged steps that carry per-layer angles."""
+    return [r for r in read_metrics(path, "step") if r.get("angles")]
 
 
 def _progress(it, enabled: bool, desc: str):

@@ -74,24 +74,16 @@ def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> tupl
 
 
 def _binom_term(comb: int, q: float, qexp: int, p: float, pexp: int) -> float:
-    """comb * q**qexp * p**pexp without overflow (q may be 0 or negative)."""
-    if qexp == 0:
-        qpow = 1.0
-    elif q == 0.0:
+    """comb * q**qexp * p**pexp without overflow (q may be 0 or negative, p > 0)."""
+    if qexp and q == 0.0:
         return 0.0
-    else:
-        qpow = None
     try:
-        c = float(comb)
-    except OverflowError:
-        c = math.inf
-    if qpow is not None and math.isfinite(c):
-        return c * p**pexp
-    if math.isfinite(c):
-        val = c * q**qexp * p**pexp
-        if val != 0.0 or abs(q) >= 1.0:
-            return val
-    # log space for huge binomials times tiny powers
+        val = float(comb) * q**qexp * p**pexp
+    except OverflowError:  # comb beyond float range
+        val = 0.0
+    if val != 0.0 or comb == 0:
+        return val
+    # a huge binomial against a power that underflowed: combine in log space
     sign = -1.0 if (q < 0 and qexp % 2) else 1.0
     logv = math.log(comb) + (qexp * math.log(abs(q)) if qexp else 0.0) + (pexp * math.log(p) if pexp else 0.0)
     return sign * math.exp(logv) if logv > -745 else 0.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -160,8 +159,3 @@ def ensure_files(name: str, specs: tuple[FileSpec, ...], data_dir=None, allow_do
     for p, spec in zip(paths, specs):
         verify(p, spec)
     return paths
-
-
-def copy_into(src: Path, dest_dir: Path) -> Path:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy2(src, dest_dir / src.name))
