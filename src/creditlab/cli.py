@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,20 +42,51 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 def _load_cfg(args, **extra) -> dict:
     over = {"dataset": getattr(args, "dataset", None), "epochs": getattr(args, "epochs", None),
             "data_dir": getattr(args, "data_dir", None), "device": getattr(args, "device", None),
-            "threads": getattr(args, "threads", None), **extra}
+            "threads": getattr(args, "threads", None),
+            "deterministic": True if getattr(args, "deterministic", False) else None, **extra}
     if args.config:
         return config_mod.load(args.config, **over)
     return config_mod.resolve(None, **over)
 
 
+def launch_nproc(nproc: int, argv: list[str]) -> int:
+    """``creditlab train --nproc N``: the same command under ``torchrun --standalone`` with N
+    processes on this machine (``--nproc`` removed); returns torchrun's exit code."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "creditlab", *rest]
+    print("launching: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.run(cmd).returncode
+
+
 def cmd_train(args) -> int:
+    from creditlab.distributed import in_launch
     from creditlab.train import train
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise CreditlabError(f"--nproc {args.nproc}: give a number of processes >= 1")
+        if in_launch():
+            raise CreditlabError("--nproc inside a torchrun launch: drop --nproc (torchrun already started the processes)")
+        if args.nproc > 1:
+            return launch_nproc(args.nproc, args.argv)
     cfg = _load_cfg(args, algo=args.algo, seed=args.seed)
     out = Path(args.out or Path("runs") / f"{cfg['name']}-{cfg['algo'].replace(':', '_').replace(',', '_')}-s{cfg['seed']}")
-    print(f"training {cfg['algo']} on {cfg['dataset']} -> {out}", flush=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        print(f"training {cfg['algo']} on {cfg['dataset']} -> {out}", flush=True)
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if rank0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -106,14 +138,18 @@ def cmd_relax(args) -> int:
     etas = [float(e) for e in args.etas.split(",")]
     torch.manual_seed(args.seed)
     sizes = parse_arch(args.arch)
-    model = MLP(sizes, args.act, "linear", bias=False, init=args.init).double()
+    from creditlab.build import resolve_device
+
+    dev = resolve_device(args.device or "cpu")
+    model = MLP(sizes, args.act, "linear", bias=False, init=args.init).to(device=dev, dtype=torch.float64)
     if args.dataset:
         from creditlab.data import load_dataset
 
         d = load_dataset(args.dataset)
-        x, y = d.x_train[: args.batch].double(), d.y_train[: args.batch]
+        x, y = d.x_train[: args.batch].to(device=dev, dtype=torch.float64), d.y_train[: args.batch].to(dev)
     else:
-        x, y = torch.rand(args.batch, sizes[0], dtype=torch.float64), torch.randint(0, sizes[-1], (args.batch,))
+        x = torch.rand(args.batch, sizes[0], dtype=torch.float64).to(dev)  # drawn on the CPU: the same batch on every device
+        y = torch.randint(0, sizes[-1], (args.batch,)).to(dev)
     res = relaxation_traces(model, build_loss(args.loss), x, y, etas, args.steps, args.schedule, args.init_state)
     res["arch"] = args.arch
     if args.out:
@@ -178,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="torch threads per run (config key threads)")
         sp.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint(s)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms (config key deterministic)")
 
     t = sub.add_parser("train", help="train one algorithm and seed")
     common(t)
     t.add_argument("--algo", help="algorithm spec, e.g. ar:steps=100,eta=0.1")
     t.add_argument("--seed", type=int)
+    t.add_argument("--nproc", type=int, help="data-parallel processes on this machine (runs torchrun --standalone)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("compare", help="every algorithm x seed on identical batches (default: the quick start)")
@@ -226,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dataset", help="take the batch from this dataset (e.g. mnist-mini)")
     r.add_argument("--out")
+    r.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_relax)
 
@@ -246,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.fn(args) or 0)
     except DivergenceError as e:

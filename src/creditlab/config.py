@@ -27,7 +27,11 @@ Schema (every key, with its default; ``null`` = unset)::
     seed: 0                       # model init, algorithm state, batch order, noise
     seeds: [0]                    # the seeds of a comparison
     dtype: float32                # float32 | float64
-    device: cpu
+    device: cpu                   # cpu | cuda | cuda:N | auto (cuda if present); never a silent fallback
+    deterministic: false          # torch.use_deterministic_algorithms (see docs/scaling.md)
+    distributed:                  # data-parallel runs under torchrun (docs/scaling.md)
+      check_every: 100            #   steps between cross-rank checksums of parameters and state (0: never)
+      timeout_s: 600              #   collective timeout: a dead or stuck rank ends the job after this
     log_every: 100                # steps between logged losses/angles; 0 disables angles
     threads: null                 # torch intra-op threads (null: torch's default)
     published: {}                 # the paper's numbers, printed beside ours
@@ -65,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "dtype": "float32",
     "device": "cpu",
+    "deterministic": False,
+    "distributed": {"check_every": 100, "timeout_s": 600},
     "log_every": 100,
     "threads": None,
     "published": {},
@@ -76,13 +82,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "train_subset": (int, type(None)),
     "task": (str,), "augment": (dict, type(None)), "model": (dict,), "loss": (str, dict), "algo": (str,),
     "algos": (list,), "optimizer": (dict,), "epochs": (int,), "batch_size": (int,), "seed": (int,),
-    "seeds": (list,), "dtype": (str,), "device": (str,), "log_every": (int,), "threads": (int, type(None)),
+    "seeds": (list,), "dtype": (str,), "device": (str,), "deterministic": (bool,), "distributed": (dict,), "log_every": (int,), "threads": (int, type(None)),
     "published": (dict,), "notes": (str,),
 }
 _MODEL_TYPES = {"arch": (str, list, type(None)), "act": (str, list), "out_act": (str,), "bias": (bool,),
                 "init": (str,), "name": (str, type(None)), "options": (dict,)}
 _OPT_TYPES = {"name": (str,), "lr": (int, float), "momentum": (int, float), "betas": (list,),
               "eps": (int, float), "weight_decay": (int, float)}
+_DIST_TYPES = {"check_every": (int,), "timeout_s": (int, float)}
 _AUGMENT = {"crop_pad": 0, "flip": "none"}
 
 
@@ -110,6 +117,7 @@ def resolve(raw: dict | None = None, **overrides: Any) -> dict:
             raise ConfigError(f"config key {key} must be a mapping, got {raw[key]!r}")
     cfg["model"] = _merge(DEFAULTS["model"], raw.get("model", {}), "model.", _MODEL_TYPES)
     cfg["optimizer"] = _merge(DEFAULTS["optimizer"], raw.get("optimizer", {}), "optimizer.", _OPT_TYPES)
+    cfg["distributed"] = _merge(DEFAULTS["distributed"], cfg["distributed"], "distributed.", _DIST_TYPES)
     if cfg["augment"] is not None:
         cfg["augment"] = _merge(_AUGMENT, cfg["augment"], "augment.", {"crop_pad": (int,), "flip": (str,)})
     validate(cfg)
@@ -135,6 +143,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train_subset={cfg['train_subset']} must be a positive number of images (or null)")
     if cfg["log_every"] < 0:
         raise ConfigError(f"log_every={cfg['log_every']} must be >= 0 (0 disables angle logging)")
+    if cfg["distributed"]["check_every"] < 0 or not cfg["distributed"]["timeout_s"] > 0:
+        raise ConfigError(f"distributed={cfg['distributed']}: check_every must be >= 0 (0: never) and timeout_s > 0")
     if cfg["task"] not in ("classify", "autoencode"):
         raise ConfigError(f"task={cfg['task']!r}; valid: classify, autoencode")
     if cfg["dtype"] not in ("float32", "float64"):

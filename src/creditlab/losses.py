@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from creditlab.distributed import batch_total
 from creditlab.errors import ConfigError
 from creditlab.spec import check_options, choice, parse_spec
 
@@ -48,13 +49,21 @@ class Loss:
         raise NotImplementedError
 
     def __call__(self, out: Tensor, target: Tensor) -> Tensor:
-        per = self.per_sample(out, target)
-        return per.sum() if self.reduction == "sum" else per.mean()
+        return self.reduce(self.per_sample(out, target))
+
+    def reduce(self, per: Tensor) -> Tensor:
+        """The batch loss from per-sample losses: their sum, or their mean over the *global*
+        batch (:func:`creditlab.distributed.batch_total`; the local batch outside a
+        data-parallel run)."""
+        if self.reduction == "sum":
+            return per.sum()
+        n = batch_total(per.shape[0])
+        return per.mean() if n == per.shape[0] else per.sum() / n
 
     def grad(self, out: Tensor, target: Tensor) -> Tensor:
         """dL/d(out) of the reduced loss, computed in closed form."""
         g = self.sample_grad(out, as_targets(target, out))
-        return g if self.reduction == "sum" else g / out.shape[0]
+        return g if self.reduction == "sum" else g / batch_total(out.shape[0])
 
     def spec(self) -> str:
         return f"{self.name}:reduction={self.reduction}"

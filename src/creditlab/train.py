@@ -30,6 +30,7 @@ from creditlab import config as config_mod
 from creditlab.algorithms import Algorithm
 from creditlab.build import DTYPES, build_all, build_data, resolve_device
 from creditlab.data import Dataset, augment_batch, batch_indices, epoch_generator, iterate
+from creditlab.distributed import Distributed, Shard, in_launch, shard_range, stochastic_modules, use_shard
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
 from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 from creditlab.losses import Loss
@@ -49,11 +50,16 @@ def prepare_batch(cfg: dict, xb: Tensor, yb: Tensor, dtype: torch.dtype, device)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batch: int = 1000) -> dict[str, float]:
-    """Accuracy (classify) and mean per-sample loss over a split, in eval mode."""
+def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batch: int = 1000,
+             dd: Distributed | None = None) -> dict[str, float]:
+    """Accuracy (classify) and mean per-sample loss over a split, in eval mode. In a
+    data-parallel run each rank evaluates its slice and the sums are all-reduced."""
     was = model.training
     model.eval()
     dtype, device = DTYPES[cfg["dtype"]], next(model.parameters()).device
+    if dd is not None:
+        off, size = shard_range(len(x), dd.rank, dd.world)
+        x, y = x[off:off + size], y[off:off + size]
     correct, total, loss_sum = 0, 0, 0.0
     for xb, yb in iterate(x, y, batch):
         xb, tb = prepare_batch(cfg, xb, yb, dtype, device)
@@ -63,6 +69,8 @@ def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batc
             correct += int((out.argmax(1) == tb).sum())
         total += len(xb)
     model.train(was)
+    if dd is not None:
+        loss_sum, correct, total = dd.sum_floats([loss_sum, correct, total])
     res = {"loss": loss_sum / max(total, 1)}
     if cfg["task"] == "classify":
         res["accuracy"] = correct / max(total, 1)
@@ -165,9 +173,12 @@ class MetricsWriter:
         self.f.close()
 
 
-def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool) -> dict:
+def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool,
+             processes: int = 1) -> dict:
     s: dict[str, Any] = {"algo": algo.spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
                          "epochs": len(history), "finished": finished}
+    if processes > 1:
+        s["processes"] = processes  # a data-parallel run
     if history:
         last = history[-1]
         s["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
@@ -190,20 +201,87 @@ def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float
     return s
 
 
+_DIST: Distributed | None = None
+
+
+def distributed_context(cfg: dict) -> Distributed | None:
+    """The process group of a ``torchrun`` launch (created once per process), else None."""
+    global _DIST
+    if not in_launch():
+        return None
+    if _DIST is None:
+        device = Distributed.device_for(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+        _DIST = Distributed(device, cfg["distributed"]["timeout_s"])
+    return _DIST
+
+
+def set_deterministic(on: bool) -> None:
+    """``torch.use_deterministic_algorithms`` (CUDA also needs a fixed cuBLAS workspace and no
+    cuDNN autotuning); an op without a deterministic kernel then raises instead of running."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
+def state_tensors(model: nn.Module, algo: Algorithm, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """Every tensor a data-parallel rank must hold bit-identically: parameters, buffers, the
+    algorithm's state and the optimizer's, named for the cross-rank check's message."""
+    named = [(f"model.{n}", t) for n, t in model.state_dict().items() if isinstance(t, Tensor)]
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, Tensor):
+            named.append((prefix, v))
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}", x)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(f"{prefix}[{i}]", x)
+
+    walk(f"{algo.name}", algo.state_dict())
+    for gi, g in enumerate(algo.param_groups(1.0)):
+        for i, t in enumerate(g["params"]):
+            named.append((f"{algo.name}.{g.get('name', 'param_group')}{gi}[{i}]", t))
+    walk("optimizer", optimizer.state_dict()["state"])
+    return named
+
+
+def _sum_updates(dd: Distributed, optimizer: torch.optim.Optimizer, reported: dict[str, Tensor] | None) -> None:
+    """All-reduce every ``.grad`` (each rank holds its share of the global-batch update), and
+    the reported updates that are not ``.grad`` tensors themselves."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    seen = {t.data_ptr() for t in grads}
+    extra = [t for t in (reported or {}).values() if t.data_ptr() not in seen]
+    dd.sum_(grads + extra)
+
+
 def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
           data: Dataset | None = None) -> dict:
     """Train one (algorithm, seed) run as configured; returns the summary (also written to
-    ``out_dir/summary.json``). Raises DivergenceError on NaN/inf, Interrupted on Ctrl-C."""
+    ``out_dir/summary.json``). Raises DivergenceError on NaN/inf, Interrupted on Ctrl-C.
+
+    Under ``torchrun`` with more than one process this is one rank of a data-parallel run
+    (:mod:`creditlab.distributed`): every rank draws the same global batch and trains on its
+    slice, updates are all-reduced, and rank 0 alone writes the run directory."""
     cfg = config_mod.resolve(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
+    set_deterministic(cfg["deterministic"])
+    dd = distributed_context(cfg)
+    rank0 = dd is None or dd.rank == 0
+    world = 1 if dd is None else dd.world
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dd.device if dd is not None else resolve_device(cfg["device"])
+    dtype = DTYPES[cfg["dtype"]]
     data = data if data is not None else build_data(cfg)
-    if data.x_train.device != device:
-        data.to(device)
+    if data.x_train.device != device or data.x_train.dtype != dtype:
+        data.to(device, dtype)  # once: batches, shuffles and augmentation then stay on the device
     model, loss, algo, optimizer = build_all(cfg, data)
+    resync_rng = dd is not None and bool(stochastic_modules(model))
+    check_every = cfg["distributed"]["check_every"] if dd is not None else 0
     ck_path = out / CHECKPOINT
     start_epoch, start_step, global_step, history, angles, keep = 0, 0, 0, [], [], None
     partial: list = [0.0, 0.0, 0, 0]  # an interrupted epoch's time, loss sum, correct, seen
@@ -217,11 +295,15 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         _set_rng_state(ck["rng"])
         start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
-    (out / "config.yaml").write_text(config_mod.dump(cfg))
-    metrics = MetricsWriter(out / "metrics.jsonl", keep)
+    if rank0:
+        (out / "config.yaml").write_text(config_mod.dump(cfg))
+    metrics = MetricsWriter(out / "metrics.jsonl", keep) if rank0 else _NullWriter()
     checked = checked_parameters(model, algo)
+    augmenting = bool(cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"))
 
     def checkpoint(epoch: int, step_in_epoch: int, partial: list) -> None:
+        if not rank0:
+            return
         save_checkpoint(ck_path, {
             "partial": partial,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
@@ -231,51 +313,74 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             "config": config_mod.dump(cfg),
         })
 
+    def batch(epoch: int, i: int, idx: Tensor) -> tuple[Shard, Tensor, Tensor]:
+        """This rank's slice of the global batch ``idx``, prepared (and augmented: the random
+        crops and flips are drawn for the global batch, so a sample's do not depend on ranks)."""
+        shard = dd.shard(len(idx)) if dd is not None else Shard(0, len(idx), len(idx))
+        rows = slice(shard.offset, shard.offset + shard.size)
+        sel = idx if augmenting else idx[rows]
+        xb, yb = prepare_batch(cfg, data.x_train[sel], data.y_train[sel], dtype, device)
+        if augmenting:
+            gen = epoch_generator(cfg["seed"], epoch * 1_000_003 + i, salt=1, device=device)
+            xb = augment_batch(xb, cfg["augment"]["crop_pad"], cfg["augment"]["flip"], gen)[rows]
+            yb = yb[rows]
+        return shard, xb, yb
+
     summary: dict = {}
     interrupted = False
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             algo.on_epoch_start(epoch)
             model.train()
-            batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch)
+            batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch, device=device)
             first = start_step if epoch == start_epoch else 0
             t_epoch, loss_sum, correct, seen = partial if first else (0.0, 0.0, 0, 0)
-            bar = _progress(range(first, len(batches)), progress, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
+            bar = _progress(range(first, len(batches)), progress and rank0, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
             step_in_epoch = first
             try:
                 for i in bar:
-                    idx = batches[i]
-                    xb, yb = prepare_batch(cfg, data.x_train[idx], data.y_train[idx], dtype, device)
-                    if cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"):
-                        gen = epoch_generator(cfg["seed"], epoch * 1_000_003 + i, salt=1)
-                        xb = augment_batch(xb, cfg["augment"]["crop_pad"], cfg["augment"]["flip"], gen)
+                    shard, xb, yb = batch(epoch, i, batches[i])
                     log_now = cfg["log_every"] > 0 and global_step % cfg["log_every"] == 0
                     rng_before = _rng_state() if log_now else None
                     t0 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
-                    res = algo.step(xb, yb)
-                    check_finite(checked, algo, res.loss, global_step)
-                    if log_now:
-                        t_log = time.perf_counter()
-                        rows = layer_angles(model, algo.reported_updates() or current_updates(model),
-                                            shadow_backprop(model, loss, xb, yb, rng_before))
-                        t0 += time.perf_counter() - t_log  # diagnostics are not training time
+                    with use_shard(shard):
+                        res = algo.step(xb, yb)
+                        reported = algo.reported_updates() if log_now else None
+                        if dd is not None:
+                            _sum_updates(dd, optimizer, reported)
+                        check_finite(checked, algo, res.loss, global_step)
+                        if log_now:
+                            t_log = time.perf_counter()
+                            bp = shadow_backprop(model, loss, xb, yb, rng_before)
+                            if dd is not None:
+                                dd.sum_(list(bp.values()))
+                            rows = layer_angles(model, reported or current_updates(model), bp)
+                            t0 += time.perf_counter() - t_log  # diagnostics are not training time
                     optimizer.step()
+                    if resync_rng:
+                        dd.sync_rng()  # type: ignore[union-attr]
                     t_epoch += time.perf_counter() - t0
                     global_step += 1
                     step_in_epoch = i + 1
-                    loss_sum += float(res.loss) * (len(xb) if loss.reduction == "mean" else 1)
+                    if check_every and global_step % check_every == 0:
+                        dd.check_consistent(state_tensors(model, algo, optimizer), global_step)  # type: ignore[union-attr]
+                    loss_sum += float(res.loss) * (shard.total if loss.reduction == "mean" else 1)
                     seen += len(xb)
                     if cfg["task"] == "classify":
                         correct += int((res.output.argmax(1) == yb).sum())
                     if log_now:
                         m = mean_angle(rows)
                         angles.append(m)
-                        metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": float(res.loss),
+                        step_loss = float(res.loss) if dd is None else dd.sum_floats([float(res.loss)])[0]
+                        metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
                                        **res.extras, **algo.diagnostics()})
             except KeyboardInterrupt:
                 interrupted = True
+                if dd is not None:  # the ranks' partial sums are not gathered mid-epoch
+                    raise Interrupted(f"interrupted in epoch {epoch + 1}; a data-parallel run resumes from the "
+                                      f"last epoch's checkpoint in {ck_path} with --resume") from None
                 checkpoint(epoch, step_in_epoch, [t_epoch, loss_sum, correct, seen])
                 raise Interrupted(f"interrupted in epoch {epoch + 1} after step {global_step}; checkpoint saved "
                                   f"in {ck_path}; continue with --resume") from None
@@ -283,6 +388,9 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                 if not bool(torch.isfinite(p).all()):
                     raise DivergenceError(f"divergence in epoch {epoch + 1}: non-finite weights after the update "
                                           f"(algorithm {algo.spec}); hint: {algo.divergence_hint}", step=global_step)
+            if dd is not None:
+                loss_sum, correct, seen = dd.sum_floats([loss_sum, correct, seen])
+                correct, seen = int(correct), int(seen)
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": global_step, "seconds": t_epoch,
                                       "train_loss": loss_sum / max(seen, 1)}  # mean per-sample loss
             if cfg["task"] == "classify":
@@ -290,24 +398,38 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             for split in ("val", "test"):
                 x, y = data.split(split)
                 if len(x):
-                    for k, v in evaluate(model, loss, x, y, cfg).items():
+                    for k, v in evaluate(model, loss, x, y, cfg, dd=dd).items():
                         record[f"{split}_{k}"] = v
             history.append(record)
             metrics.write(record)
             checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
-            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"])
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            if progress:
-                _report(record)
+            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world)
+            if rank0:
+                (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                if progress:
+                    _report(record)
     finally:
         metrics.close()
-        if history and not interrupted:
+        if history and not interrupted and rank0:
             _write_csv(out / "metrics.csv", history)
             _plots(out, history, angles_from(out / "metrics.jsonl"))
     if not summary:
-        summary = _summary(cfg, algo, history, angles, finished=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = _summary(cfg, algo, history, angles, finished=True, processes=world)
+        if rank0:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _NullWriter:
+    """The metrics writer of ranks other than 0 (rank 0 alone writes)."""
+
+    lines = 0
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(path: Path, kind: str) -> list[dict]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from creditlab.distributed import noise_like
 from creditlab.errors import ConfigError
 from creditlab.models.init import check_init, init_weight_
 from creditlab.models.locally_connected import (
@@ -216,7 +217,7 @@ def routed(routes: list[Route], state: RouteState, training: bool = True) -> Ite
 
             def fwd(x: Tensor, _r: Route = r) -> Tensor:
                 if state.noise > 0 and training and state.calls > 0:
-                    x = x + state.noise * torch.randn_like(x)
+                    x = x + state.noise * noise_like(x)
                 state.calls += 1
                 state.inputs[_r.name] = x.shape
                 state.grad_inputs[_r.name] = x.requires_grad

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult
+from creditlab.distributed import all_reduce_, batch_total
 from creditlab.errors import ConfigError
 from creditlab.models import MLP, Activation
 from creditlab.models.init import init_weight_
@@ -165,7 +166,7 @@ def hidden_shapes(model: nn.Module, net: BlockNet, factory: dict[str, Any]) -> t
 
 def loss_scale(loss: Any, batch: int) -> float:
     """Weight of one sample's loss in the reduced batch loss (1 for sum, 1/batch for mean)."""
-    return 1.0 if getattr(loss, "reduction", "sum") == "sum" else 1.0 / batch
+    return 1.0 if getattr(loss, "reduction", "sum") == "sum" else 1.0 / batch_total(batch)
 
 
 def np_estimate(delta_loss: Tensor, noise: list[Tensor], sigma: float) -> list[Tensor]:
@@ -186,8 +187,8 @@ def ridge_update(V: Tensor, S: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     """Recursive ridge regression (Appendix C.3): V += X^T X, S += X^T Y (in place); returns
     B = V^{-1} S, the minimiser of sum |X B - Y|^2 + gamma |B|_F^2 over all rows seen so far
     (V starts at gamma I, S at 0)."""
-    V.add_(X.T @ X)
-    S.add_(X.T @ Y)
+    V.add_(all_reduce_(X.T @ X))  # summed over the ranks of a data-parallel run
+    S.add_(all_reduce_(X.T @ Y))
     return torch.linalg.solve(V, S)
 
 
@@ -307,7 +308,7 @@ class FeedbackLearner(Algorithm):
                 pre.append(a)
                 out.append(h)
             per = self.loss.per_sample(out[-1], y)
-            value = per.sum() if self.loss.reduction == "sum" else per.mean()  # = self.loss(out, y)
+            value = self.loss.reduce(per)  # = self.loss(out, y)
             (e_out,) = torch.autograd.grad(value, pre[-1], retain_graph=True)
         return CleanPass(pre, out, per.detach(), value.detach(), e_out.detach())
 

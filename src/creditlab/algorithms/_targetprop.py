@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult
 from creditlab.algorithms._feedback import layer_fans, layer_forward, transpose_apply
+from creditlab.distributed import batch_total, noise_like
 from creditlab.errors import ConfigError
 from creditlab.losses import CrossEntropyLoss, Loss, as_targets
 from creditlab.models.activations import Activation, make_activation
@@ -232,7 +233,7 @@ class TargetPropagation(Algorithm):
         """Sum of the layers' local losses; ``hs_graph[i+1]`` = f_i(h_i.detach()) with graph."""
         L = len(self.layers)
         total = self.loss(hs_graph[L], y)
-        n = hs_graph[0].shape[0]
+        n = batch_total(hs_graph[0].shape[0])
         for i in range(L - 1):
             target = t[i + 1]
             assert target is not None
@@ -242,11 +243,11 @@ class TargetPropagation(Algorithm):
     def inverse_losses(self, hs: list[Tensor]) -> Tensor:
         """Sum over l = 1..L-1 of ||target - g_l(f_l(h~_l))||^2 / batch, forward parameters fixed."""
         L = len(self.layers)
-        n = hs[0].shape[0]
+        n = batch_total(hs[0].shape[0])
         total = hs[0].new_zeros(())
         for i in range(1, L):
             h = hs[i]
-            ht = h + self.sigma * torch.randn_like(h) if self.sigma > 0 else h
+            ht = h + self.sigma * noise_like(h) if self.sigma > 0 else h
             fh = self.f(i, ht, detach_params=True)
             if i == L - 1:
                 fh = self.top_input(ht, self.output_activity(fh))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.distributed import noise_like
 from creditlab.errors import ConfigError
 
 
@@ -43,7 +44,7 @@ class Backprop(Algorithm):
         for p in self.params():
             p.grad = None
         if self.input_noise > 0:
-            x = x + self.input_noise * torch.randn_like(x)
+            x = x + self.input_noise * noise_like(x)
         if self.net is not None:
             out = self._noisy_forward(x)
         else:
@@ -58,5 +59,5 @@ class Backprop(Algorithm):
         for i, blk in enumerate(self.net.blocks):
             h = blk(h)
             if i < last:
-                h = h + self.noise * torch.randn_like(h)
+                h = h + self.noise * noise_like(h)
         return h

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.distributed import constant_share
 from creditlab.errors import ConfigError
 from creditlab.models.activations import LeakyReLU, Linear
 from creditlab.models.invertible import InvertibleNet, InvTrace, invertible_from_arch, require_invertible
@@ -254,7 +255,7 @@ class Gait(Algorithm):
                     wt = layer.weight
                     if layer.invertible and wt.grad is not None:
                         reg = ortho_grad(layer.square_matrix(wt.detach())).reshape(wt.shape)
-                        wt.grad = torch.add(wt.grad, reg, alpha=self.ortho)
+                        wt.grad = torch.add(wt.grad, reg, alpha=self.ortho * constant_share())
         self._record(diffs, gammas)
         return StepResult(loss.detach(), logits)
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from creditlab.algorithms import register_algorithm
 from creditlab.algorithms._feedback_learning import CleanPass, FeedbackLearner
+from creditlab.distributed import constant_share
 from creditlab.errors import ConfigError
 
 
@@ -45,14 +46,15 @@ class Matched(FeedbackLearner):
     def after_updates(self, clean: CleanPass, es: list[Tensor | None]) -> None:
         if self.steps < self.warmup:
             return
+        decay = self.decay * constant_share()  # batch-independent: counted once across ranks
         for i in range(len(self.B)):
             w = self.net.blocks[i + 1].layer.weight
-            self.B[i].grad = w.grad.detach().clone() + self.decay * self.B[i]
+            self.B[i].grad = w.grad.detach().clone() + decay * self.B[i]
         self._reported = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         for blk in self.net.blocks:
             w = blk.layer.weight
             if w.grad is not None:
-                w.grad = w.grad + self.decay * w.detach()
+                w.grad = w.grad + decay * w.detach()
 
     def reported_updates(self) -> dict[str, Tensor] | None:
         """The feedback-alignment update before the weight decay (for the angle to backprop)."""

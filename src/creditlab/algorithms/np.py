@@ -30,6 +30,7 @@ from creditlab.algorithms import register_algorithm
 from creditlab.algorithms._feedback_learning import (
     CleanPass, FeedbackLearner, loss_scale, np_estimate, rng_state, set_rng_state,
 )
+from creditlab.distributed import noise_like
 from creditlab.errors import ConfigError
 
 
@@ -56,7 +57,7 @@ class NodePerturbation(FeedbackLearner):
         """Per-sample loss of the noisy pass and the noise drawn, with the dropout masks of the
         clean pass (the RNG state before the clean pass is replayed around the noise draw)."""
         dev = x.device
-        noise = [torch.randn_like(h) * self.sigma for h in clean.out[:-1]]
+        noise = [noise_like(h) * self.sigma for h in clean.out[:-1]]
         after_noise = rng_state(dev)
         set_rng_state(dev, self._state_before)
         try:

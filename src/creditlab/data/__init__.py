@@ -62,9 +62,12 @@ class Dataset:
             raise ConfigError(f"unknown split {which!r}; valid: train, val, test")
         return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
 
-    def to(self, device) -> "Dataset":
+    def to(self, device, dtype: torch.dtype | None = None) -> "Dataset":
+        """Move every split to ``device`` (once, before training: batches are then cut on the
+        device) and, with ``dtype``, convert the images."""
         for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
-            setattr(self, k, getattr(self, k).to(device))
+            t = getattr(self, k)
+            setattr(self, k, t.to(device=device, dtype=dtype if dtype is not None and k.startswith("x") else t.dtype))
         return self
 
 
@@ -184,32 +187,36 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0, device="cpu") -> torch
     return g
 
 
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[Tensor]:
-    """The epoch's minibatches as index tensors (the last one may be smaller)."""
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  device: torch.device | str = "cpu") -> list[Tensor]:
+    """The epoch's minibatches as index tensors on ``device`` (the last one may be smaller). The
+    order is drawn on the CPU generator, so it is the same on every device and every rank."""
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
-    return list(order.split(batch_size))
+    return list(order.to(device).split(batch_size))
 
 
 def augment_batch(x: Tensor, crop_pad: int = 0, flip: str = "none", generator: torch.Generator | None = None) -> Tensor:
     """Random crops of the zero-padded images (``crop_pad`` pixels each side, crop back to the
     original size) and random flips (``vertical``: upside-down, ``horizontal``: mirror), each
-    sample independently with probability 1/2 for the flip."""
+    sample independently with probability 1/2 for the flip. A generator on the data's device
+    (the training loop passes one) keeps every draw there."""
     if flip not in ("none", "vertical", "horizontal", "both"):
         raise ConfigError(f"augment flip={flip!r}; valid: none, vertical, horizontal, both")
     B, C, H, W = x.shape
+    gdev = generator.device if generator is not None else x.device  # draws on the generator's device
     if crop_pad > 0:
         xp = torch.nn.functional.pad(x, (crop_pad,) * 4)
-        oy = torch.randint(0, 2 * crop_pad + 1, (B,), generator=generator).to(x.device)
-        ox = torch.randint(0, 2 * crop_pad + 1, (B,), generator=generator).to(x.device)
+        oy = torch.randint(0, 2 * crop_pad + 1, (B,), generator=generator, device=gdev).to(x.device)
+        ox = torch.randint(0, 2 * crop_pad + 1, (B,), generator=generator, device=gdev).to(x.device)
         rows = (oy[:, None] + torch.arange(H, device=x.device)[None]).view(B, 1, H, 1).expand(B, C, H, W + 2 * crop_pad)
         xp = xp.gather(2, rows)
         cols = (ox[:, None] + torch.arange(W, device=x.device)[None]).view(B, 1, 1, W).expand(B, C, H, W)
         x = xp.gather(3, cols)
     for kind, dim in (("vertical", 2), ("horizontal", 3)):
         if flip in (kind, "both"):
-            mask = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(B, 1, 1, 1)
+            mask = (torch.rand(B, generator=generator, device=gdev) < 0.5).to(x.device).view(B, 1, 1, 1)
             x = torch.where(mask, x.flip(dim), x)
     return x
 
