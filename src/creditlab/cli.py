@@ -158,9 +158,15 @@ def cmd_search(args) -> int:
 
     cfg = _load_cfg(args)
     out = Path(args.out or Path("runs") / f"{cfg['name']}-search")
-    res = run_search(cfg, args.trials, out, seed=args.seed, progress=not args.quiet)
-    print(json.dumps({k: res.get(k) for k in ("best", "best_test_at_selected_epoch", "best_test_over_training")}
+    res = run_search(cfg, args.trials, out, seed=args.seed, progress=not args.quiet, storage=args.storage,
+                     study=args.study, workers=args.workers, sampler=args.sampler, heartbeat=args.heartbeat,
+                     verbose=not args.quiet)
+    print(json.dumps({k: res.get(k) for k in ("best", "best_test_at_selected_epoch", "best_test_over_training",
+                                              "finished", "diverged")}
                      | {"search": str(out / "search.json")}, indent=2, default=str))
+    if res["best"] is None:
+        print(f"creditlab: no trial completed ({res['diverged']} diverged); see {out / 'search.json'}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -229,10 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_relax)
 
-    s = sub.add_parser("search", help="random search over the config's space, selected on the validation split")
+    s = sub.add_parser("search", help="Optuna study over the config's space (default: Bartunov et al. Table 4), "
+                                      "selected on the validation split")
     common(s)
-    s.add_argument("--trials", type=int, default=60, help="number of random trials (the Bartunov et al. search used 60)")
+    s.add_argument("--trials", type=int, default=60,
+                   help="finished trials of the study in total, over all workers (the Bartunov et al. search used 60)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search's sampler")
+    s.add_argument("--sampler", choices=["random", "tpe"], help="default: the config's search.sampler, else random")
+    s.add_argument("--storage", help="Optuna RDB URL shared by the workers (default sqlite:///OUT/search.db), "
+                                     "e.g. postgresql://user:password@host/db")
+    s.add_argument("--study", help="study name (default: the config's name); workers with the same storage and "
+                                   "study join one search")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes joining the study")
+    s.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between worker heartbeats; a killed worker's trial is marked failed after 2x this")
     s.set_defaults(fn=cmd_search)
 
     b = sub.add_parser("bench", help="time one training step of each algorithm against bp")
