@@ -35,6 +35,7 @@ from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 from creditlab.losses import Loss
 
 CHECKPOINT = "checkpoint.pt"
+DIVERGED = "diverged.json"  # in the run directory when a run stopped on NaN/inf: {"message", "step", "where"}
 
 
 class Interrupted(CreditlabError):
@@ -197,6 +198,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     cfg = config_mod.resolve(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DIVERGED).unlink(missing_ok=True)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device, dtype = resolve_device(cfg["device"]), DTYPES[cfg["dtype"]]
@@ -299,6 +301,9 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             if progress:
                 _report(record)
+    except DivergenceError as e:
+        (out / DIVERGED).write_text(json.dumps({"message": str(e), "step": e.step, "where": e.where}))
+        raise
     finally:
         metrics.close()
         if history and not interrupted:
