@@ -102,6 +102,7 @@ def test_two_local_workers_finish_the_study_with_the_serial_trials(tmp_path):
     assert len(done) == 3 and parallel["finished"] == 3
     key = lambda t: t["trial"]  # noqa: E731
     assert [t["params"] for t in sorted(done, key=key)] == [t["params"] for t in serial["trials"]]
+    assert [t["score"] for t in sorted(done, key=key)] == [t["score"] for t in serial["trials"]]  # threads: 1 both
 
 
 def test_a_declared_space_and_sampler_are_validated_and_used(tmp_path):
