@@ -97,6 +97,7 @@ def test_plan_then_collect_equals_compare_and_names_missing_runs(tmp_path, capsy
     assert main(["collect", str(plan)]) == 4
     err = capsys.readouterr().err
     assert f"missing: fa seed 0 in {plan / 'fa' / 'seed0'}" in err and "bp seed 0" not in err
+    assert f"rerun: sed -n 2p {plan / 'commands.txt'} | bash" in err
     s = _read(plan / "summary.json")
     assert [(o["algo"], o["seed"], o["status"]) for o in s["incomplete"]] == [("fa", 0, "missing")]
     assert s["algorithms"][1]["seeds"] == [] and s["algorithms"][1]["missing_seeds"] == [0]

@@ -91,17 +91,19 @@ def cmd_compare(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    from creditlab.compare import collect
+    from creditlab.compare import COMMANDS, collect
 
     summary = collect(args.dir)
     print((Path(args.dir) / "summary.md").read_text())
+    commands = Path(args.dir) / COMMANDS
     for o in summary.get("incomplete", []):
-        print(f"creditlab: {o['status']}: {o['algo']} seed {o['seed']} in {o['dir']} ({o['message']})", file=sys.stderr)
+        print(f"creditlab: {o['status']}: {o['algo']} seed {o['seed']} in {o['dir']} ({o['message']}); "
+              f"rerun: sed -n {o['line']}p {commands} | bash", file=sys.stderr)
     for d in summary["diverged"]:
         print(f"creditlab: diverged: {d['algo']} seed {d['seed']}: {d['message']}", file=sys.stderr)
     if summary.get("incomplete"):
         print(f"creditlab: {len(summary['incomplete'])} run(s) missing or unfinished; rerun their lines of "
-              f"commands.txt, then collect again", file=sys.stderr)
+              f"{commands} (an unfinished one with --resume appended), then collect again", file=sys.stderr)
         return 4
     return 3 if summary["diverged"] else 0
 

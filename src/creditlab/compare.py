@@ -77,7 +77,7 @@ def markdown_table(rows: list[dict], cfg: dict, incomplete: list[dict] | None = 
     cls = cfg["task"] == "classify"
     head = ("| algorithm | seeds | test acc. (%) | val acc. (%) | test acc. at best val (%) | s / epoch | mean angle to BP (deg) |"
             if cls else "| algorithm | seeds | test loss | val loss | s / epoch | mean angle to BP (deg) |")
-    lines = [f"# {cfg['name']}: {cfg['dataset']}, {rows[0]['epochs'] if rows else 0} epochs", "", head,
+    lines = [f"# {cfg['name']}: {cfg['dataset']}, {max((r['epochs'] for r in rows), default=0)} epochs", "", head,
              "|" + "---|" * (head.count("|") - 1)]
 
     def pct(r, k):
@@ -160,7 +160,8 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
     rows, curves, angle_curves = [], {}, {}
     diverged = [{"algo": o.run.algo, "seed": o.run.seed, "message": o.message} for o in outcomes if o.status == "diverged"]
     incomplete = [{"algo": o.run.algo, "seed": o.run.seed, "status": o.status, "dir": str(o.run.dir),
-                   "message": o.message} for o in outcomes if o.status in ("missing", "unfinished")]
+                   "line": i + 1, "message": o.message}  # line: its line of a plan's commands.txt
+                  for i, o in enumerate(outcomes) if o.status in ("missing", "unfinished")]
     for algo in cfg["algos"]:
         mine = [o for o in outcomes if o.run.algo == algo]
         ok = [o for o in mine if o.status == "ok"]
