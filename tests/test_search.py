@@ -1,44 +1,175 @@
-"""Random search over Bartunov et al.'s Table 4 space, selecting on the validation split."""
+"""Search as an Optuna study over Bartunov et al.'s Table 4 space (or the config's own),
+selecting on the validation split; workers share one storage and survive a killed worker."""
 
 import json
-import random
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import optuna
 import pytest
+import yaml
 
+from creditlab import config
 from creditlab.algorithms import build_algorithm
+from creditlab.cli import main
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
 from creditlab.models import MLP
-from creditlab.search import TABLE4, run_search, sample_trial
+from creditlab.search import TABLE4, make_sampler, run_search, trial_config
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+BASE = {"dataset": "fake:n=256,classes=3,shape=1x4x4", "model": {"arch": "16-8-3", "act": "tanh"},
+        "algo": "sdtp", "epochs": 2, "batch_size": 32, "log_every": 0, "threads": 1}
 
 
+def _study(seed=0, kind="random"):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(sampler=make_sampler(kind, seed), direction="maximize")
 
 
-def test_trials_stay_in_the_table4_space_and_only_set_options_the_algorithm_has():
-    rng = random.Random(0)
+def test_trials_stay_in_the_table4_space_and_only_suggest_options_the_algorithm_has():
+    study = _study()
     for _ in range(50):
-        cfg, drawn = sample_trial({"algo": "dtp:schedule=alternating"}, rng)
+        trial = study.ask()
+        cfg, drawn = trial_config({"algo": "dtp:schedule=alternating"}, trial)
         assert 1e-5 <= cfg["optimizer"]["lr"] <= 3e-4 and cfg["optimizer"]["betas"][0] == 0.9
         assert cfg["optimizer"]["betas"][1] in (0.99, 0.999) and cfg["optimizer"]["eps"] in (1e-4, 1e-6, 1e-8)
         assert 0.01 <= drawn["alpha"] <= 0.2 and 0.01 <= drawn["sigma"] <= 0.3 and 1e-5 <= drawn["inv_lr"] <= 3e-4
+        assert trial.params == drawn and cfg["optimizer"]["name"] == "adam"
         build_algorithm(cfg["algo"], MLP("4-5-5-3", act="tanh"), build_loss("cross_entropy"))  # a valid spec
         assert "schedule=alternating" in cfg["algo"]
-    cfg, drawn = sample_trial({"algo": "sdtp"}, rng)
+        study.tell(trial, 0.0)
+    cfg, drawn = trial_config({"algo": "sdtp"}, study.ask())
     assert "alpha" not in drawn and "sigma" in drawn
-    cfg, drawn = sample_trial({"algo": "fa"}, rng)
-    assert cfg["algo"] == "fa" and set(drawn) == {"lr", "beta1", "beta2", "eps"}
+    trial = study.ask()
+    cfg, drawn = trial_config({"algo": "fa"}, trial)
+    assert cfg["algo"] == "fa" and set(drawn) == set(trial.params) == {"lr", "beta1", "beta2", "eps"}
+    cfg, drawn = trial_config({"algo": "dtp:sigma=0.05"}, study.ask())  # fixed in the spec: stays fixed
+    assert "sigma" not in drawn and "sigma=0.05" in cfg["algo"]
+
+
+@pytest.mark.parametrize("kind", ["random", "tpe"])
+def test_the_same_seed_suggests_the_same_trials(kind):
+    def params(seed):
+        study = _study(seed, kind)
+        study.optimize(lambda t: -abs(trial_config({"algo": "dtp"}, t)[0]["optimizer"]["lr"] - 1e-4), n_trials=12)
+        return [t.params for t in study.trials]
+
+    first = params(3)
+    assert first == params(3) and first != params(4)
+    assert len({p["lr"] for p in first}) == 12
+
+
+def test_random_values_depend_on_seed_and_trial_number_only():
+    """Whichever worker runs trial k, and whatever ran before it, trial k gets the same values."""
+    a, b = _study(5), _study(5)
+    drawn_a = [trial_config({"algo": "dtp"}, a.ask())[1] for _ in range(3)]
+    b.enqueue_trial({"lr": 1e-4})  # trial 0 differs (fixed), trials 1 and 2 must not
+    drawn_b = [trial_config({"algo": "dtp"}, b.ask())[1] for _ in range(3)]
+    assert drawn_a[0] != drawn_b[0] and drawn_a[1:] == drawn_b[1:]
 
 
 def test_search_selects_on_validation_and_is_seeded(tmp_path):
-    base = {"dataset": "fake:n=256,classes=3,shape=1x4x4", "model": {"arch": "16-8-3", "act": "tanh"},
-            "algo": "sdtp", "epochs": 2, "batch_size": 32, "log_every": 0, "threads": 1}
-    res = run_search(base, 3, tmp_path / "a", seed=1)
+    res = run_search(BASE, 3, tmp_path / "a", seed=1)
     scores = [t["summary"]["best_val_accuracy"] for t in res["trials"]]
-    assert res["best"]["summary"]["best_val_accuracy"] == max(scores) and res["selected_on"] == "validation"
+    assert [t["state"] for t in res["trials"]] == ["COMPLETE"] * 3 and res["finished"] == 3
+    assert res["best"]["summary"]["best_val_accuracy"] == max(scores) == res["best"]["score"]
+    assert res["selected_on"] == "validation"
     assert res["best_test_at_selected_epoch"] == res["best"]["summary"]["test_accuracy_at_best_val"]
+    assert res["best"]["test_accuracy_at_best_val"] == res["best"]["summary"]["test_accuracy_at_best_val"]
     assert json.loads((tmp_path / "a" / "search.json").read_text())["best"]["trial"] == res["best"]["trial"]
-    again = run_search(base, 1, tmp_path / "b", seed=1)
+    assert (tmp_path / "a" / "search.db").is_file() and (tmp_path / "a" / "trial-00002" / "summary.json").is_file()
+    again = run_search(BASE, 1, tmp_path / "b", seed=1)
     assert again["trials"][0]["params"] == res["trials"][0]["params"]
+    more = run_search(BASE, 4, tmp_path / "a", seed=1)  # the same storage: the study goes on to 4
+    assert [t["params"] for t in more["trials"][:3]] == [t["params"] for t in res["trials"]]
+    assert more["finished"] == 4 and len(more["trials"]) == 4
     with pytest.raises(ConfigError, match="trials"):
-        run_search(base, 0, tmp_path / "c")
+        run_search(BASE, 0, tmp_path / "c")
+    with pytest.raises(ConfigError, match="another config"):
+        run_search(dict(BASE, epochs=3), 4, tmp_path / "a", seed=1)
     assert set(TABLE4) >= {"lr", "beta2", "eps", "alpha", "sigma"}
+
+
+def test_two_local_workers_finish_the_study_with_the_serial_trials(tmp_path):
+    serial = run_search(BASE, 3, tmp_path / "serial", seed=2)
+    parallel = run_search(BASE, 3, tmp_path / "parallel", seed=2, workers=2)
+    done = [t for t in parallel["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) == 3 and parallel["finished"] == 3
+    key = lambda t: t["trial"]  # noqa: E731
+    assert [t["params"] for t in sorted(done, key=key)] == [t["params"] for t in serial["trials"]]
+    assert [t["score"] for t in sorted(done, key=key)] == [t["score"] for t in serial["trials"]]  # threads: 1 both
+
+
+def test_a_declared_space_and_sampler_are_validated_and_used(tmp_path):
+    space = {"lr": ["loguniform", 1.0e-3, 1.0e-2], "momentum": ["choice", [0.0, 0.9]]}
+    cfg = config.resolve(dict(BASE, algo="bp", search={"space": space, "sampler": "tpe"}))
+    assert cfg["search"] == {"space": space, "sampler": "tpe"}
+    assert config.resolve(yaml.safe_load(config.dump(cfg))) == cfg  # dump round-trips
+    res = run_search(cfg, 2, tmp_path / "s", seed=0)
+    assert res["sampler"] == "tpe"
+    for t in res["trials"]:
+        assert set(t["params"]) == {"lr", "momentum"} and 1e-3 <= t["params"]["lr"] <= 1e-2
+        assert t["algo"] == "bp"
+    for bad, msg in [({"space": {"alpha": ["uniform", 0.1, 0.2]}}, "neither an optimizer key nor an option of algorithm bp"),
+                     ({"space": {"lr": ["loguniform", "1e-5", 1.0e-3]}}, "write 1.0e-5"),
+                     ({"space": {"lr": ["normal", 0, 1]}}, "write \\[loguniform"),
+                     ({"space": {"lr": ["uniform", 2.0, 1.0]}}, "LO < HI"),
+                     ({"sampler": "grid"}, "search.sampler='grid'"),
+                     ({"spaces": {}}, "unknown config key search.'spaces'")]:
+        with pytest.raises(ConfigError, match=msg):
+            config.resolve(dict(BASE, algo="bp", search=bad))
+
+
+def test_diverged_trials_are_pruned_not_fatal_and_exit_3(tmp_path, capsys):
+    cfg = {"dataset": "fake:n=200,shape=1x6x6", "model": {"arch": "36-12-10", "act": "tanh"}, "loss": "mse",
+           "algo": "bp", "optimizer": {"name": "sgd", "lr": 1.0}, "epochs": 1, "batch_size": 50, "log_every": 0,
+           "threads": 1, "search": {"space": {"lr": ["uniform", 1.0e6, 2.0e6]}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code = main(["search", "--config", str(tmp_path / "c.yaml"), "--trials", "2", "--out", str(tmp_path / "s"), "--quiet"])
+    assert code == 3 and "no trial completed (2 diverged)" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert [t["state"] for t in saved["trials"]] == ["PRUNED", "PRUNED"] and saved["best"] is None
+    assert all("divergence" in t["diverged"] for t in saved["trials"])
+
+
+def test_a_killed_worker_leaves_the_study_usable(tmp_path, capsys):
+    """SIGKILL a worker mid-trial: the next worker marks that trial FAIL (its heartbeat stopped)
+    and still brings the study to the requested number of finished trials."""
+    cfg = dict(BASE, name="kill", algo="dtp", dataset="fake:n=1200,classes=3,shape=1x4x4", epochs=10)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "s"
+    args = ["search", "--config", str(tmp_path / "c.yaml"), "--trials", "2", "--out", str(out), "--heartbeat", "1",
+            "--quiet"]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    worker = subprocess.Popen([sys.executable, "-m", "creditlab", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"sqlite:///{out / 'search.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    running, deadline = [], time.monotonic() + 300
+    try:
+        while not running:
+            assert worker.poll() is None, "the worker ended before a trial was seen running"
+            assert time.monotonic() < deadline, "no trial started within 300 s"
+            time.sleep(0.05)
+            try:
+                running = optuna.load_study(study_name="kill", storage=url).get_trials(
+                    states=(optuna.trial.TrialState.RUNNING,))
+            except Exception:  # noqa: BLE001  (the study is not created yet)
+                continue
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    killed = running[0].number
+    assert main(args) == 0
+    study = optuna.load_study(study_name="kill", storage=url)
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == optuna.trial.TrialState.FAIL
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
+    assert study.best_trial.number != killed
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["finished"] == 2 and saved["best"]["trial"] == study.best_trial.number

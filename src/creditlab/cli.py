@@ -1,7 +1,8 @@
-"""The ``creditlab`` command line: train, compare, check, relax, bench, search.
+"""The ``creditlab`` command line: train, compare, collect, check, relax, bench, search.
 
 Errors a user can fix (bad config, missing or corrupted data, divergence) are printed as one
-message without a traceback; exit codes: 2 bad input, 3 divergence, 130 interrupted."""
+message without a traceback; exit codes: 2 bad input, 3 divergence, 4 a collected comparison
+with missing or unfinished runs, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from creditlab import config as config_mod
-from creditlab.errors import CreditlabError, DivergenceError
+from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -91,7 +92,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from creditlab.compare import QUICKSTART, compare
+    from creditlab.compare import COMMANDS, QUICKSTART, compare, plan
 
     over = {"algos": _csv(args.algos), "seeds": _ints(args.seeds)}
     if args.config:
@@ -100,14 +101,43 @@ def cmd_compare(args) -> int:
         over.update(dataset=args.dataset, epochs=args.epochs, data_dir=args.data_dir, device=args.device,
                     threads=args.threads)
         cfg = config_mod.resolve(QUICKSTART, **over)
+    if args.plan:
+        for flag, given in (("--out", args.out), ("--jobs", args.jobs != 1), ("--resume", args.resume)):
+            if given:
+                raise ConfigError(f"compare --plan DIR writes the runs' command lines into DIR instead of running "
+                                  f"them; drop {flag}")
+        runs = plan(cfg, args.plan)
+        commands = Path(args.plan).resolve() / COMMANDS
+        print(f"planned {len(runs)} runs; one creditlab train command per line in {commands}")
+        print(f"SLURM job array:  sbatch --array=1-{len(runs)} --wrap 'sed -n \"${{SLURM_ARRAY_TASK_ID}}p\" {commands} | bash'")
+        print(f"then:             creditlab collect {Path(args.plan).resolve()}")
+        return 0
     out = Path(args.out or Path("runs") / cfg["name"])
-    summary = compare(cfg, out, progress=not args.quiet, resume=args.resume)
+    summary = compare(cfg, out, progress=not args.quiet, resume=args.resume, jobs=args.jobs)
     print((out / "summary.md").read_text())
     print(f"run directory: {out}")
     if summary["diverged"]:
         print(f"creditlab: {len(summary['diverged'])} run(s) diverged; see summary.json", file=sys.stderr)
         return 3
     return 0
+
+
+def cmd_collect(args) -> int:
+    from creditlab.compare import COMMANDS, collect
+
+    summary = collect(args.dir)
+    print((Path(args.dir) / "summary.md").read_text())
+    commands = Path(args.dir) / COMMANDS
+    for o in summary.get("incomplete", []):
+        print(f"creditlab: {o['status']}: {o['algo']} seed {o['seed']} in {o['dir']} ({o['message']}); "
+              f"rerun: sed -n {o['line']}p {commands} | bash", file=sys.stderr)
+    for d in summary["diverged"]:
+        print(f"creditlab: diverged: {d['algo']} seed {d['seed']}: {d['message']}", file=sys.stderr)
+    if summary.get("incomplete"):
+        print(f"creditlab: {len(summary['incomplete'])} run(s) missing or unfinished; rerun their lines of "
+              f"{commands} (an unfinished one with --resume appended), then collect again", file=sys.stderr)
+        return 4
+    return 3 if summary["diverged"] else 0
 
 
 def cmd_check(args) -> int:
@@ -194,9 +224,15 @@ def cmd_search(args) -> int:
 
     cfg = _load_cfg(args)
     out = Path(args.out or Path("runs") / f"{cfg['name']}-search")
-    res = run_search(cfg, args.trials, out, seed=args.seed, progress=not args.quiet)
-    print(json.dumps({k: res.get(k) for k in ("best", "best_test_at_selected_epoch", "best_test_over_training")}
+    res = run_search(cfg, args.trials, out, seed=args.seed, progress=not args.quiet, storage=args.storage,
+                     study=args.study, workers=args.workers, sampler=args.sampler, heartbeat=args.heartbeat,
+                     verbose=not args.quiet)
+    print(json.dumps({k: res.get(k) for k in ("best", "best_test_at_selected_epoch", "best_test_over_training",
+                                              "finished", "diverged")}
                      | {"search": str(out / "search.json")}, indent=2, default=str))
+    if res["best"] is None:
+        print(f"creditlab: no trial completed ({res['diverged']} diverged); see {out / 'search.json'}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -227,7 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--algos", help="comma-separated specs, e.g. bp,ar,ar:feedback=learned,derivative=false")
     c.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="parallel local processes (threads each: the config's, else cores // jobs); same numbers as serial")
+    c.add_argument("--plan", metavar="DIR", help="write each run's config and one command line per run into "
+                                                 "DIR/commands.txt (for a job array) instead of running; then collect DIR")
     c.set_defaults(fn=cmd_compare)
+
+    g = sub.add_parser("collect", help="summarise a planned comparison (compare --plan DIR) from its finished runs")
+    g.add_argument("dir", help="the plan directory")
+    g.set_defaults(fn=cmd_collect)
 
     def model_args(sp, arch_default=None, bias_flag="--no-bias", init="xavier"):
         sp.add_argument("--arch", default=arch_default, help="MLP layer spec, e.g. 784-300-300-100-10")
@@ -268,10 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_relax)
 
-    s = sub.add_parser("search", help="random search over the config's space, selected on the validation split")
+    s = sub.add_parser("search", help="Optuna study over the config's space (default: Bartunov et al. Table 4), "
+                                      "selected on the validation split")
     common(s)
-    s.add_argument("--trials", type=int, default=60, help="number of random trials (the Bartunov et al. search used 60)")
+    s.add_argument("--trials", type=int, default=60,
+                   help="finished trials of the study in total, over all workers (the Bartunov et al. search used 60)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search's sampler")
+    s.add_argument("--sampler", choices=["random", "tpe"], help="default: the config's search.sampler, else random")
+    s.add_argument("--storage", help="Optuna RDB URL shared by the workers (default sqlite:///OUT/search.db), "
+                                     "e.g. postgresql://user:password@host/db")
+    s.add_argument("--study", help="study name (default: the config's name); workers with the same storage and "
+                                   "study join one search")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes joining the study")
+    s.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between worker heartbeats; a killed worker's trial is marked failed after 2x this")
     s.set_defaults(fn=cmd_search)
 
     b = sub.add_parser("bench", help="time one training step of each algorithm against bp")

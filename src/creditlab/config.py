@@ -34,6 +34,9 @@ Schema (every key, with its default; ``null`` = unset)::
       timeout_s: 600              #   collective timeout: a dead or stuck rank ends the job after this
     log_every: 100                # steps between logged losses/angles; 0 disables angles
     threads: null                 # torch intra-op threads (null: torch's default)
+    search: null                  # creditlab search: {sampler: random|tpe, space: {NAME: DIST}};
+                                  #   DIST = [loguniform, LO, HI] | [uniform, LO, HI] | [choice, [V, ...]];
+                                  #   null (or space: null) = Bartunov et al.'s Table 4, random sampler
     published: {}                 # the paper's numbers, printed beside ours
     notes: ""
 """
@@ -73,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "distributed": {"check_every": 100, "timeout_s": 600},
     "log_every": 100,
     "threads": None,
+    "search": None,
     "published": {},
     "notes": "",
 }
@@ -82,8 +86,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "train_subset": (int, type(None)),
     "task": (str,), "augment": (dict, type(None)), "model": (dict,), "loss": (str, dict), "algo": (str,),
     "algos": (list,), "optimizer": (dict,), "epochs": (int,), "batch_size": (int,), "seed": (int,),
-    "seeds": (list,), "dtype": (str,), "device": (str,), "deterministic": (bool,), "distributed": (dict,), "log_every": (int,), "threads": (int, type(None)),
-    "published": (dict,), "notes": (str,),
+    "seeds": (list,), "dtype": (str,), "device": (str,), "deterministic": (bool,), "distributed": (dict,),
+    "log_every": (int,), "threads": (int, type(None)), "search": (dict, type(None)), "published": (dict,), "notes": (str,),
 }
 _MODEL_TYPES = {"arch": (str, list, type(None)), "act": (str, list), "out_act": (str,), "bias": (bool,),
                 "init": (str,), "name": (str, type(None)), "options": (dict,)}
@@ -91,6 +95,7 @@ _OPT_TYPES = {"name": (str,), "lr": (int, float), "momentum": (int, float), "bet
               "eps": (int, float), "weight_decay": (int, float)}
 _DIST_TYPES = {"check_every": (int,), "timeout_s": (int, float)}
 _AUGMENT = {"crop_pad": 0, "flip": "none"}
+_SEARCH = {"space": None, "sampler": "random"}
 
 
 def _merge(base: dict, over: dict, where: str, types: dict) -> dict:
@@ -120,6 +125,8 @@ def resolve(raw: dict | None = None, **overrides: Any) -> dict:
     cfg["distributed"] = _merge(DEFAULTS["distributed"], cfg["distributed"], "distributed.", _DIST_TYPES)
     if cfg["augment"] is not None:
         cfg["augment"] = _merge(_AUGMENT, cfg["augment"], "augment.", {"crop_pad": (int,), "flip": (str,)})
+    if cfg["search"] is not None:
+        cfg["search"] = _merge(_SEARCH, cfg["search"], "search.", {"space": (dict, type(None)), "sampler": (str,)})
     validate(cfg)
     return cfg
 
@@ -160,6 +167,10 @@ def validate(cfg: dict) -> None:
     build_loss(cfg["loss"])
     if cfg["model"]["name"] is None and cfg["model"]["arch"] is None:
         raise ConfigError("model needs either arch (a layer spec) or name (a built-in model)")
+    if cfg["search"] is not None:
+        from creditlab.search import check_search
+
+        check_search(cfg["search"], cfg["algo"])
 
 
 def load(path: str | Path, **overrides: Any) -> dict:

@@ -1,18 +1,40 @@
-"""Random hyper-parameter search over Bartunov et al. (2018)'s Table 4 space, selecting on the
-validation split only.
+"""Hyper-parameter search as an Optuna study, selecting on the validation split only.
 
-Table 4 (appendix): learning rate in [1e-5, 3e-4] (we draw it log-uniformly: the paper does not
-say how), beta1 fixed at 0.9, beta2 in {0.99, 0.999}, epsilon in {1e-4, 1e-6, 1e-8}, the DTP
-penultimate step alpha in [0.01, 0.2] and the inverse-training noise sigma in [0.01, 0.3]
-(uniform); the forward and the inverse Adam are drawn independently from the same space. The
-paper ran 60 configurations per experiment and reports the best *test* error within 500
-epochs; here every trial is a full :func:`creditlab.train.train` run, trials are ranked by their
-best validation accuracy (or lowest validation loss for ``task: autoencode``) and the winner's
-test figure is read at the epoch its validation split selects. Test numbers never enter the
-ranking.
+The default space is Bartunov et al. (2018)'s Table 4 (appendix): learning rate in
+[1e-5, 3e-4] (we draw it log-uniformly: the paper does not say how), beta1 fixed at 0.9, beta2 in
+{0.99, 0.999}, epsilon in {1e-4, 1e-6, 1e-8}, the DTP penultimate step alpha in [0.01, 0.2] and
+the inverse-training noise sigma in [0.01, 0.3] (uniform); the forward and the inverse Adam are
+drawn independently from the same space. The paper ran 60 configurations per experiment and
+reports the best *test* error within 500 epochs; here every trial is a full
+:func:`creditlab.train.train` run in ``out/trial-NNNNN`` (the Optuna trial number), trials are
+ranked by their best validation accuracy (or minus the lowest validation loss for ``task:
+autoencode``; the study maximises) and the winner's test figure is read at the epoch its
+validation split selects. Test numbers never enter the ranking: they are stored as the trial's
+user attributes only.
 
-Algorithm options are only set where the algorithm has them (``inv_*`` and ``sigma`` for the
-target-propagation family, ``alpha`` for dtp); options fixed in the config's spec stay fixed.
+A config may declare its own space and sampler (``search:`` in the YAML)::
+
+    search:
+      sampler: random                 # random (default) | tpe
+      space:                          # null: Table 4
+        lr: [loguniform, 1.0e-5, 3.0e-4]
+        sigma: [uniform, 0.01, 0.3]
+        beta2: [choice, [0.99, 0.999]]
+
+Names are optimizer keys (``lr``, ``beta1``, ``beta2``, ``eps``, ``momentum``, ``weight_decay``;
+naming a beta or eps makes the optimizer Adam, as Table 4 does) or options of the config's
+algorithm. Algorithm options are only suggested where the algorithm has them (Table 4's
+``inv_*`` and ``sigma`` for the target-propagation family, ``alpha`` for dtp); a declared space
+naming an option the algorithm lacks is an error; options fixed in the config's spec stay fixed.
+
+Engine: an Optuna study in an RDB storage (default ``sqlite:///<out>/search.db``), joined with
+``load_if_exists`` by every worker, local (``workers``) or on other machines (same ``--storage``
+URL and ``--study`` name). ``trials`` is the study's total of finished trials (COMPLETE, or
+PRUNED = diverged), however many workers share it. Workers send a heartbeat; a trial whose worker
+was killed is marked FAIL once its heartbeat is older than the grace period (2 x heartbeat) and
+does not count: another trial replaces it. The random sampler draws each trial's values from
+(seed, trial number, parameter name) alone, so any number of workers draw the same values for the
+same trial numbers; TPE depends on the order trials finish in.
 """
 
 from __future__ import annotations
@@ -20,12 +42,23 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
+import multiprocessing
+import socket
+import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from creditlab import config as config_mod
 from creditlab.algorithms import algorithm_class
-from creditlab.errors import ConfigError, DivergenceError
+from creditlab.errors import ConfigError, CreditlabError, DivergenceError
+from creditlab.parallel import split_cores
 from creditlab.spec import format_spec, parse_spec
 
 # name -> ("loguniform", lo, hi) | ("uniform", lo, hi) | ("choice", [values])
@@ -41,46 +74,103 @@ TABLE4: dict[str, tuple] = {
     "alpha": ("uniform", 0.01, 0.2),
     "sigma": ("uniform", 0.01, 0.3),
 }
-OPTIMIZER_KEYS = ("lr", "beta1", "beta2", "eps")
+OPTIMIZER_KEYS = ("lr", "beta1", "beta2", "eps", "momentum", "weight_decay")
+ADAM_KEYS = ("beta1", "beta2", "eps")
+SAMPLERS = ("random", "tpe")
+DEFAULT_HEARTBEAT = 60  # seconds between a worker's heartbeats; a trial is stale after 2 x this
+TEST_KEYS = ("test_accuracy_at_best_val", "best_test_accuracy_over_training", "test_loss_at_best_val",
+             "test_accuracy", "test_loss")
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _draw(rng: random.Random, dist: tuple) -> Any:
-    kind = dist[0]
-    if kind == "loguniform":
-        return math.exp(rng.uniform(math.log(dist[1]), math.log(dist[2])))
-    if kind == "uniform":
-        return rng.uniform(dist[1], dist[2])
+def parse_distribution(name: str, raw: Any) -> tuple:
+    """``[loguniform, LO, HI]``, ``[uniform, LO, HI]`` or ``[choice, [V, ...]]`` (lists or tuples)
+    as the tuple form of :data:`TABLE4`; anything else is a ConfigError naming the entry."""
+    where = f"search.space.{name}"
+    forms = "write [loguniform, LO, HI], [uniform, LO, HI] or [choice, [V1, V2, ...]]"
+    if not isinstance(raw, (list, tuple)) or not raw or raw[0] not in ("loguniform", "uniform", "choice"):
+        raise ConfigError(f"{where} = {raw!r}: {forms}")
+    kind = raw[0]
     if kind == "choice":
-        return rng.choice(list(dist[1]))
+        if len(raw) != 2 or not isinstance(raw[1], (list, tuple)) or not raw[1]:
+            raise ConfigError(f"{where} = {raw!r}: choice needs one non-empty list of values; {forms}")
+        bad = [v for v in raw[1] if not (v is None or isinstance(v, (bool, int, float, str)))]
+        if bad:
+            raise ConfigError(f"{where}: choice values must be numbers, strings, booleans or null; got {bad!r}")
+        return ("choice", list(raw[1]))
+    numbers = len(raw) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw[1:])
+    if not numbers:
+        hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if any(isinstance(v, str) for v in raw[1:]) else ""
+        raise ConfigError(f"{where} = {raw!r}: {kind} needs two numbers LO < HI{hint}")
+    lo, hi = float(raw[1]), float(raw[2])
+    if not lo < hi or (kind == "loguniform" and lo <= 0):
+        raise ConfigError(f"{where} = {raw!r}: needs LO < HI{' and LO > 0' if kind == 'loguniform' else ''}")
+    return (kind, lo, hi)
+
+
+def check_search(search: dict, algo: str) -> None:
+    """Validate a config's ``search`` block against its algorithm (called by config.validate)."""
+    if search["sampler"] not in SAMPLERS:
+        raise ConfigError(f"search.sampler={search['sampler']!r}; valid: {', '.join(SAMPLERS)}")
+    space = search["space"]
+    if space is None:
+        return
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search.space = {space!r} must be a mapping name -> distribution (or null for Table 4)")
+    name, _ = parse_spec(str(algo))
+    options = algorithm_class(name).defaults
+    for key, raw in space.items():
+        parse_distribution(str(key), raw)
+        if key not in OPTIMIZER_KEYS and key not in options:
+            raise ConfigError(f"search.space.{key}: neither an optimizer key nor an option of algorithm {name}; "
+                              f"valid: {', '.join([*OPTIMIZER_KEYS, *sorted(options)])}")
+
+
+def search_space(cfg: dict) -> tuple[dict[str, tuple], bool]:
+    """The config's space as tuples, and whether it was declared (False: :data:`TABLE4`)."""
+    declared = (cfg.get("search") or {}).get("space")
+    if declared is None:
+        return dict(TABLE4), False
+    return {str(k): parse_distribution(str(k), v) for k, v in declared.items()}, True
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: tuple) -> Any:
+    if dist[0] == "loguniform":
+        return trial.suggest_float(name, dist[1], dist[2], log=True)
+    if dist[0] == "uniform":
+        return trial.suggest_float(name, dist[1], dist[2])
+    if dist[0] == "choice":
+        return trial.suggest_categorical(name, list(dist[1]))
     raise ConfigError(f"search space: unknown distribution {dist!r}; use loguniform, uniform or choice")
 
 
-def sample_trial(config: dict, rng: random.Random, space: dict[str, tuple] | None = None) -> tuple[dict, dict]:
-    """One configuration drawn from ``space`` (default Table 4): (trial config, drawn values)."""
+def trial_config(config: dict, trial: optuna.Trial, space: dict[str, tuple] | None = None) -> tuple[dict, dict]:
+    """One configuration suggested by ``trial`` from ``space`` (default Table 4): (trial config,
+    suggested values). Only optimizer keys and options the algorithm has, and that its spec does
+    not fix, are suggested, in sorted order (the order the random sampler sees them in)."""
     space = TABLE4 if space is None else space
     name, opts = parse_spec(str(config.get("algo", "bp")))
     allowed = algorithm_class(name).defaults
-    drawn: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key in sorted(space):
+        if key in OPTIMIZER_KEYS or (key in allowed and key not in opts):
+            params[key] = _suggest(trial, key, space[key])
     cfg = copy.deepcopy(config)
     opt = dict(cfg.get("optimizer", {}))
-    opt["name"] = "adam"
-    for key in sorted(space):  # sorted: the draw order, hence the trials, depend on the seed only
-        value = _draw(rng, space[key])
-        if key in OPTIMIZER_KEYS:
-            drawn[key] = value
-        elif key in allowed and key not in opts:
-            drawn[key] = value
-    opt["lr"] = drawn.get("lr", opt.get("lr", 1e-3))
-    opt["betas"] = [drawn.get("beta1", 0.9), drawn.get("beta2", 0.999)]
-    opt["eps"] = drawn.get("eps", opt.get("eps", 1e-8))
+    if any(k in space for k in ADAM_KEYS):
+        opt["name"] = "adam"
+    betas = list(opt.get("betas", [0.9, 0.999]))
+    opt["betas"] = [params.get("beta1", betas[0]), params.get("beta2", betas[1])]
+    opt.update({k: params[k] for k in ("lr", "eps", "momentum", "weight_decay") if k in params})
     cfg["optimizer"] = opt
     algo_opts = dict(opts)
-    algo_opts.update({k: v for k, v in drawn.items() if k not in OPTIMIZER_KEYS})
+    algo_opts.update({k: v for k, v in params.items() if k not in OPTIMIZER_KEYS})
     cfg["algo"] = format_spec(name, algo_opts)
-    return cfg, drawn
+    return cfg, params
 
 
-def _score(summary: dict) -> float:
+def score(summary: dict) -> float:
+    """What the study maximises: best validation accuracy, or minus the best validation loss."""
     if "best_val_accuracy" in summary:
         return float(summary["best_val_accuracy"])
     if "best_val_loss" in summary:
@@ -88,41 +178,235 @@ def _score(summary: dict) -> float:
     raise ConfigError("search needs a validation split: set val_size > 0 in the config")
 
 
-def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0,
-               space: dict[str, tuple] | None = None, progress: bool = False) -> dict:
-    """Run ``trials`` random configurations of ``config`` (each a full training run under
-    ``out_dir/trial-NNN``), rank them on the validation split, write ``out_dir/search.json``
-    and return ``{"best": {...}, "trials": [...]}``. Diverged trials are recorded, not fatal."""
+class NumberSeededRandomSampler(optuna.samplers.BaseSampler):
+    """Independent uniform (log-uniform for ``log=True``) draws whose values depend only on
+    (seed, trial number, parameter name): the same trial numbers get the same values whichever
+    worker runs them, and a rerun with the same seed repeats them."""
+
+    def __init__(self, seed: int = 0):
+        if seed < 0:
+            raise ConfigError(f"search seed {seed} must be >= 0")
+        self.seed = seed
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+        rng = np.random.default_rng([self.seed, trial.number, zlib.crc32(param_name.encode())])
+        d = param_distribution
+        if isinstance(d, CategoricalDistribution):
+            return d.choices[int(rng.integers(len(d.choices)))]
+        if isinstance(d, FloatDistribution) and d.step is None:
+            if d.log:
+                value = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+            else:
+                value = float(rng.uniform(d.low, d.high))
+            return min(max(value, d.low), d.high)  # exp(log(x)) may round a last bit past the bound
+        raise ConfigError(f"search: {param_name} has distribution {d!r}; the random sampler draws "
+                          "uniform, loguniform and choice only")
+
+
+def make_sampler(kind: str, seed: int, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """``random``: :class:`NumberSeededRandomSampler` (the same for every worker); ``tpe``:
+    Optuna's TPE seeded with ``seed + worker`` (equal seeds would repeat its random start-up)."""
+    if kind == "random":
+        return NumberSeededRandomSampler(seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed + worker)
+    raise ConfigError(f"search sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
+
+
+def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with worker heartbeats (grace period 2 x ``heartbeat`` seconds).
+    SQLite waits up to 60 s for a lock held by another worker instead of failing at once."""
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r} is not a database URL; e.g. sqlite:///runs/s/search.db, "
+                          "postgresql://user:password@host/db or mysql+pymysql://user:password@host/db")
+    if heartbeat < 1:
+        raise ConfigError(f"--heartbeat {heartbeat}: must be >= 1 second")
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
+                                              grace_period=2 * int(heartbeat))
+    except Exception as e:  # noqa: BLE001  (driver missing, host unreachable, bad URL: all the user's to fix)
+        raise ConfigError(f"cannot open the search storage {_redact(url)}: {e}") from None
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("://")[0] + "://..."
+
+
+def _fingerprint(cfg: dict) -> str:
+    """The config a study is for, without what may differ between machines."""
+    return config_mod.dump({k: v for k, v in cfg.items() if k not in ("device", "threads", "data_dir")})
+
+
+def open_study(cfg: dict, storage: optuna.storages.BaseStorage, name: str,
+               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study or join it; joining a study made for another config is an error."""
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="maximize",
+                                load_if_exists=True)
+    mine = _fingerprint(cfg)
+    theirs = study.user_attrs.get("config")
+    if theirs is None:
+        study.set_user_attr("config", mine)
+    elif theirs != mine:
+        raise ConfigError(f"study {name!r} in this storage was created for another config; "
+                          "use another --study name (or --out directory) or the study's own config")
+    return study
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _room(study: optuna.Study, trials: int, heartbeat: float, before: int | None = None) -> bool:
+    """Whether another trial is needed: False once ``trials`` (numbered below ``before``) have
+    finished; True while fewer are finished or running; while the running ones could still make
+    up the total, wait for them (a killed worker's trial turns FAIL after the grace period)."""
+    while True:
+        live = study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
+        if before is not None:
+            live = [t for t in live if t.number < before]
+        if sum(t.state in _FINISHED for t in live) >= trials:
+            return False
+        if len(live) < trials:
+            return True
+        time.sleep(min(1.0, heartbeat))  # poll; a stale trial turns FAIL only after the grace period anyway
+        _fail_stale(study)
+
+
+class _Surplus(Exception):
+    """A trial started after the study already had its total (a race between workers)."""
+
+
+def search_worker(cfg: dict, trials: int, out: str | Path, storage_url: str, study_name: str, sampler: str,
+                  seed: int, space: dict[str, tuple], worker: int = 0, heartbeat: int = DEFAULT_HEARTBEAT,
+                  progress: bool = False, verbose: bool = True) -> None:
+    """One worker: runs the study's trials until it holds ``trials`` finished ones."""
+    from creditlab.build import build_data
     from creditlab.train import train
 
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    out = Path(out)
+    study = open_study(cfg, open_storage(storage_url, heartbeat), study_name, make_sampler(sampler, seed, worker))
+    if not _room(study, trials, heartbeat):
+        return
+    data = build_data(cfg)
+    if len(data.x_val) == 0:
+        raise ConfigError("search needs a validation split: set val_size > 0 in the config")
+    host = socket.gethostname()
+
+    def objective(trial: optuna.Trial) -> float:
+        if not _room(study, trials, heartbeat, before=trial.number):
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"trial {trial.number} not needed: the study already has {trials} finished trials")
+        run_cfg, params = trial_config(cfg, trial, space)
+        run_cfg["name"] = f"{cfg['name']}-trial{trial.number:05d}"
+        run_dir = out / f"trial-{trial.number:05d}"
+        trial.set_user_attr("dir", str(run_dir))
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("algo", run_cfg["algo"])
+        try:
+            summary = train(run_cfg, run_dir, progress=progress, data=data)
+        except DivergenceError as e:  # a result ("this point diverges"), not a crash: PRUNED, counted
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        trial.set_user_attr("summary", summary)
+        for key in TEST_KEYS:
+            if key in summary:
+                trial.set_user_attr(key, summary[key])
+        return score(summary)
+
+    def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if not _room(study, trials, heartbeat):
+            study.stop()
+
+    study.optimize(objective, n_trials=trials, callbacks=[stop_when_done], catch=(_Surplus,))
+
+
+def _record(t: FrozenTrial) -> dict:
+    return {"trial": t.number, "state": t.state.name, "score": t.value, "params": t.params, **t.user_attrs}
+
+
+def report(study: optuna.Study, trials: int) -> dict:
+    """``search.json``'s content: every trial (state, params, score, test figures) and the best."""
+    all_trials = study.get_trials(deepcopy=False)
+    complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
+    best = _record(study.best_trial) if complete else None
+    res: dict[str, Any] = {"selected_on": "validation", "study": study.study_name, "trials_requested": trials,
+                           "finished": sum(t.state in _FINISHED for t in all_trials),
+                           "diverged": sum("diverged" in t.user_attrs for t in all_trials),
+                           "best": best, "trials": [_record(t) for t in all_trials]}
+    if best is not None and "summary" in best:
+        s = best["summary"]
+        res["best_test_at_selected_epoch"] = s.get("test_accuracy_at_best_val", s.get("test_loss_at_best_val"))
+        res["best_test_over_training"] = s.get("best_test_accuracy_over_training")
+    return res
+
+
+def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, space: dict[str, tuple] | None = None,
+               progress: bool = False, storage: str | None = None, study: str | None = None, workers: int = 1,
+               sampler: str | None = None, heartbeat: int = DEFAULT_HEARTBEAT, verbose: bool | None = None) -> dict:
+    """Run (or join) the study until it has ``trials`` finished trials of ``config``, with
+    ``workers`` local worker processes; write ``out_dir/search.json`` and return its content.
+
+    ``space`` overrides the config's ``search.space`` (default Table 4); ``sampler`` its
+    ``search.sampler`` (default random); ``storage`` defaults to ``sqlite:///<out_dir>/search.db``
+    and ``study`` to the config's name. Diverged trials are PRUNED and recorded, not fatal."""
+    cfg = config_mod.resolve(config)
     if trials < 1:
         raise ConfigError(f"search: trials={trials} must be >= 1 (the paper used 60)")
+    search = cfg["search"] or {}
+    kind = sampler or search.get("sampler") or "random"
+    make_sampler(kind, seed)  # validates kind and seed before anything starts
+    if space is None:
+        space, _ = search_space(cfg)
+    else:
+        space = {k: parse_distribution(k, v) for k, v in space.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    records: list[dict] = []
-    for t in range(trials):
-        cfg, drawn = sample_trial(config, rng, space)
-        cfg["name"] = f"{config.get('name', 'run')}-trial{t:03d}"
-        run_dir = out / f"trial-{t:03d}"
-        rec: dict[str, Any] = {"trial": t, "dir": str(run_dir), "algo": cfg["algo"], "params": drawn}
-        try:
-            summary = train(cfg, run_dir, progress=progress)
-            rec["summary"] = summary
-            rec["score"] = _score(summary)
-        except DivergenceError as e:
-            rec["diverged"] = str(e)
-            rec["score"] = -math.inf
-        records.append(rec)
-        (out / "search.json").write_text(json.dumps({"trials": records}, indent=2, default=str))
-    best = max(records, key=lambda r: r["score"])
-    result = {"selected_on": "validation", "seed": seed, "best": best, "trials": records}
-    if "summary" in best:
-        s = best["summary"]
-        result["best_test_at_selected_epoch"] = s.get("test_accuracy_at_best_val", s.get("test_loss_at_best_val"))
-        result["best_test_over_training"] = s.get("best_test_accuracy_over_training")
-    (out / "search.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+    url = storage or f"sqlite:///{(out / 'search.db').resolve()}"
+    name = study or cfg["name"]
+    workers, threads = split_cores(workers, cfg["threads"], "--workers")
+    if workers > 1 and cfg["threads"] is None:
+        cfg["threads"] = threads
+    verbose = progress if verbose is None else verbose
+    the_study = open_study(cfg, open_storage(url, heartbeat), name, make_sampler(kind, seed))  # create it once
+    args = dict(cfg=cfg, trials=trials, out=str(out), storage_url=url, study_name=name, sampler=kind, seed=seed,
+                space=space, heartbeat=heartbeat, verbose=verbose)
+    failed: list[str] = []
+    if workers == 1:
+        search_worker(**args, progress=progress)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=search_worker, kwargs=dict(args, worker=i, progress=False)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        for i, p in enumerate(procs):
+            p.join()
+            if p.exitcode != 0:
+                failed.append(f"worker {i} (exit code {p.exitcode})")
+    res = report(the_study, trials)
+    res.update(seed=seed, sampler=kind, storage=_redact(url), workers=workers)
+    (out / "search.json").write_text(json.dumps(res, indent=2, default=str))
+    if failed:
+        raise CreditlabError(f"search: {', '.join(failed)} failed; the study keeps every finished trial "
+                             f"({res['finished']} of {trials}); run the same command again to complete it")
+    return res
 
 
-__all__ = ["TABLE4", "run_search", "sample_trial"]
+__all__ = ["TABLE4", "NumberSeededRandomSampler", "check_search", "make_sampler", "open_storage", "open_study",
+           "parse_distribution", "report", "run_search", "score", "search_space", "search_worker", "trial_config"]

@@ -36,6 +36,7 @@ from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 from creditlab.losses import Loss
 
 CHECKPOINT = "checkpoint.pt"
+DIVERGED = "diverged.json"  # in the run directory when a run stopped on NaN/inf: {"message", "step", "where"}
 
 
 class Interrupted(CreditlabError):
@@ -274,6 +275,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     world = 1 if dd is None else dd.world
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
+        (out / DIVERGED).unlink(missing_ok=True)
     device = dd.device if dd is not None else resolve_device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
     data = data if data is not None else build_data(cfg)
@@ -408,6 +410,10 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                 (out / "summary.json").write_text(json.dumps(summary, indent=2))
                 if progress:
                     _report(record)
+    except DivergenceError as e:
+        if rank0:
+            (out / DIVERGED).write_text(json.dumps({"message": str(e), "step": e.step, "where": e.where}))
+        raise
     finally:
         metrics.close()
         if history and not interrupted and rank0:
