@@ -30,7 +30,7 @@ CASES: dict[str, dict] = {
     "bp-noise-mse": {"algo": "bp:noise=0.1", "loss": "mse"},
     "ar": {"algo": "ar", "loss": "mse", "model": {"arch": "16-10-8-3", "act": "relu", "bias": False}},
     "ar-simulate": {"algo": "ar:mode=simulate,steps=20,feedback=learned", "model": MLP3},
-    "fa": {"algo": "fa", "model": MLP3},
+    "fa-noise": {"algo": "fa:noise=0.05", "model": MLP3},
     "dfa": {"algo": "dfa", "model": MLP3},
     "tp": {"algo": "tp", "model": MLP3, "optimizer": {"name": "adam", "lr": 1e-3}},
     "dtp": {"algo": "dtp", "model": MLP3, "optimizer": {"name": "adam", "lr": 1e-3}},
