@@ -160,6 +160,7 @@ def cmd_check(args) -> int:
 def cmd_relax(args) -> int:
     import torch
 
+    from creditlab.build import resolve_device
     from creditlab.diagnostics.relaxation import relaxation_traces
     from creditlab.losses import build_loss
     from creditlab.models import MLP, parse_arch
@@ -168,8 +169,6 @@ def cmd_relax(args) -> int:
     etas = [float(e) for e in args.etas.split(",")]
     torch.manual_seed(args.seed)
     sizes = parse_arch(args.arch)
-    from creditlab.build import resolve_device
-
     dev = resolve_device(args.device or "cpu")
     model = MLP(sizes, args.act, "linear", bias=False, init=args.init).to(device=dev, dtype=torch.float64)
     if args.dataset:

@@ -23,6 +23,7 @@ from typing import Any
 
 from creditlab import config as config_mod
 from creditlab.build import build_data
+from creditlab.data import Dataset
 from creditlab.errors import ConfigError, DivergenceError
 from creditlab.parallel import split_cores
 from creditlab.train import DIVERGED, angles_from, read_metrics, train
@@ -189,6 +190,22 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
     return summary
 
 
+def _train_run(run_cfg: dict, run: Run, resume: bool, progress: bool = False, data: Dataset | None = None) -> Outcome:
+    """One run, here or in a worker process: ``ok`` with its summary, or ``diverged`` (one
+    diverged run does not stop the comparison)."""
+    try:
+        return Outcome(run, "ok", train(run_cfg, run.dir, progress=progress, data=data,
+                                        resume=resume and (run.dir / "checkpoint.pt").exists()))
+    except DivergenceError as e:
+        return Outcome(run, "diverged", message=str(e))
+
+
+def _announce(outcome: Outcome) -> Outcome:
+    if outcome.status == "diverged":
+        print(f"[{outcome.run.algo}] seed {outcome.run.seed}: {outcome.message}", flush=True)
+    return outcome
+
+
 def _run_serial(cfg: dict, runs: list[Run], progress: bool, resume: bool) -> list[Outcome]:
     """One run after another in this process, on one copy of the data."""
     data = build_data(cfg)
@@ -196,23 +213,8 @@ def _run_serial(cfg: dict, runs: list[Run], progress: bool, resume: bool) -> lis
     for run in runs:
         if progress:
             print(f"[{run.algo}] seed {run.seed} -> {run.dir}", flush=True)
-        try:
-            summary = train(run_config(cfg, run), run.dir, progress=progress, data=data,
-                            resume=resume and (run.dir / "checkpoint.pt").exists())
-        except DivergenceError as e:  # one diverged run does not stop the comparison
-            print(f"[{run.algo}] seed {run.seed}: {e}", flush=True)
-            outcomes.append(Outcome(run, "diverged", message=str(e)))
-            continue
-        outcomes.append(Outcome(run, "ok", summary))
+        outcomes.append(_announce(_train_run(run_config(cfg, run), run, resume, progress, data)))
     return outcomes
-
-
-def _train_run(run_cfg: dict, run_dir: str, resume: bool) -> tuple[str, Any]:
-    """One run in a worker process: ("ok", summary) or ("diverged", message)."""
-    try:
-        return "ok", train(run_cfg, run_dir, progress=False, resume=resume)
-    except DivergenceError as e:
-        return "diverged", str(e)
 
 
 def _run_parallel(cfg: dict, runs: list[Run], jobs: int, progress: bool, resume: bool) -> list[Outcome]:
@@ -227,17 +229,8 @@ def _run_parallel(cfg: dict, runs: list[Run], jobs: int, progress: bool, resume:
         for run in runs:
             if progress:
                 print(f"[{run.algo}] seed {run.seed} -> {run.dir}", flush=True)
-            futures.append(pool.submit(_train_run, dict(run_config(cfg, run), threads=threads), str(run.dir),
-                                       resume and (run.dir / "checkpoint.pt").exists()))
-        outcomes = []
-        for run, future in zip(runs, futures):
-            status, payload = future.result()
-            if status == "diverged":
-                print(f"[{run.algo}] seed {run.seed}: {payload}", flush=True)
-                outcomes.append(Outcome(run, "diverged", message=payload))
-            else:
-                outcomes.append(Outcome(run, "ok", payload))
-    return outcomes
+            futures.append(pool.submit(_train_run, dict(run_config(cfg, run), threads=threads), run, resume))
+        return [_announce(f.result()) for f in futures]
 
 
 def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool = False, jobs: int = 1) -> dict:

@@ -5,7 +5,7 @@ The contract, for every algorithm:
 
 * The loop draws the global batch once from the seeded stream (every rank draws the same
   indices) and rank r takes the contiguous slice :func:`shard_range` gives it. While an
-  algorithm's step runs, :func:`current_shard` says which slice of which global batch this is.
+  algorithm's step runs, the loop makes that :class:`Shard` current (:func:`use_shard`).
 * A quantity averaged over the batch is divided by the **global** batch size,
   :func:`batch_total` (``Loss.reduce`` and every explicit ``/ n`` in an algorithm go through
   it), so each rank's ``.grad`` is its share of the global update and the loop's all-reduce
@@ -67,10 +67,6 @@ def use_shard(shard: Shard) -> Iterator[Shard]:
         _CURRENT.reset(token)
 
 
-def current_shard() -> Shard | None:
-    return _CURRENT.get()
-
-
 def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
     """(offset, size) of rank's contiguous slice of ``total`` samples: the first
     ``total % world`` ranks take one sample more."""
@@ -97,7 +93,7 @@ def noise_like(h: Tensor) -> Tensor:
     """N(0, 1) noise of ``h``'s shape (batch first): this rank's rows of the noise drawn for the
     whole global batch from the global generator (``torch.randn_like(h)`` in a single process)."""
     s = _CURRENT.get()
-    if s is None or (s.world == 1 and s.total == h.shape[0]) or s.size != h.shape[0]:
+    if s is None or s.world == 1 or s.size != h.shape[0]:
         return torch.randn_like(h)
     full = torch.randn((s.total, *h.shape[1:]), device=h.device, dtype=h.dtype)
     return full[s.offset:s.offset + s.size]
@@ -121,14 +117,8 @@ def in_launch() -> bool:
 def _bits(t: Tensor) -> Tensor:
     """The tensor's raw bits as integers (a checksum sees every bit, not a rounded value)."""
     t = t.detach().contiguous()
-    if t.dtype == torch.bool:
-        return t.to(torch.int64)
-    if t.is_floating_point() or t.is_complex():
-        view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-        if t.is_complex():
-            t = torch.view_as_real(t).contiguous()
-            view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-        return t.view(view).to(torch.int64)
+    if t.is_floating_point():
+        t = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t.to(torch.int64)
 
 
@@ -144,19 +134,19 @@ class Distributed:
     """The process group of a ``torchrun`` job: rank, world size, the device this rank uses,
     and the collectives the training loop needs."""
 
-    def __init__(self, device: torch.device, timeout_s: float):
+    def __init__(self, device: str, timeout_s: float):
+        """Join the job torchrun started (its environment names rank, world size, local rank
+        and the rendezvous) on this rank's device for the config's ``device``."""
         import torch.distributed as dist
 
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.backend = "nccl" if device.type == "cuda" else "gloo"
-        self.device = device
+        self.device = self.device_for(device, int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():  # env:// rendezvous (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, ...)
-            dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=timeout_s))
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         self.dist = dist
 
-    # ---- construction -------------------------------------------------------------------
     @staticmethod
     def device_for(name: str, local_rank: int) -> torch.device:
         """The device of one rank: ``cuda`` / ``auto`` on a GPU machine give ``cuda:LOCAL_RANK``;
@@ -173,10 +163,6 @@ class Distributed:
         from creditlab.build import resolve_device
 
         return resolve_device(name)
-
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
 
     # ---- collectives --------------------------------------------------------------------
     def shard(self, total: int) -> Shard:
@@ -243,6 +229,6 @@ def stochastic_modules(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "Shard", "use_shard", "current_shard", "shard_range", "batch_total", "constant_share", "noise_like",
+    "Shard", "use_shard", "shard_range", "batch_total", "constant_share", "noise_like",
     "all_reduce_", "in_launch", "checksum", "Distributed", "stochastic_modules",
 ]

@@ -126,12 +126,12 @@ def check_search(search: dict, algo: str) -> None:
                               f"valid: {', '.join([*OPTIMIZER_KEYS, *sorted(options)])}")
 
 
-def search_space(cfg: dict) -> tuple[dict[str, tuple], bool]:
-    """The config's space as tuples, and whether it was declared (False: :data:`TABLE4`)."""
+def search_space(cfg: dict) -> dict[str, tuple]:
+    """The config's declared space as tuples, else :data:`TABLE4`."""
     declared = (cfg.get("search") or {}).get("space")
     if declared is None:
-        return dict(TABLE4), False
-    return {str(k): parse_distribution(str(k), v) for k, v in declared.items()}, True
+        return dict(TABLE4)
+    return {str(k): parse_distribution(str(k), v) for k, v in declared.items()}
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: tuple) -> Any:
@@ -373,7 +373,7 @@ def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, sp
     kind = sampler or search.get("sampler") or "random"
     make_sampler(kind, seed)  # validates kind and seed before anything starts
     if space is None:
-        space, _ = search_space(cfg)
+        space = search_space(cfg)
     else:
         space = {k: parse_distribution(k, v) for k, v in space.items()}
     out = Path(out_dir)

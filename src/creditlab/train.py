@@ -78,12 +78,15 @@ def evaluate(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, cfg: dict, batc
     return res
 
 
+def algorithm_parameters(algo: Algorithm) -> list[tuple[str, Tensor]]:
+    """The algorithm's own trainable tensors (its optimizer groups), named for messages."""
+    return [(f"{algo.name}.{g.get('name', 'state')}[{i}]", p)
+            for g in algo.param_groups(1.0) for i, p in enumerate(g["params"])]
+
+
 def checked_parameters(model: nn.Module, algo: Algorithm) -> list[tuple[str, Tensor]]:
     """Every parameter whose update :func:`check_finite` inspects, named for the message."""
-    named = list(model.named_parameters())
-    named += [(f"{algo.name}.{g.get('name', 'state')}[{i}]", p)
-              for g in algo.param_groups(1.0) for i, p in enumerate(g["params"])]
-    return named
+    return list(model.named_parameters()) + algorithm_parameters(algo)
 
 
 def check_finite(params: list[tuple[str, Tensor]], algo: Algorithm, loss: Tensor, step: int) -> None:
@@ -211,8 +214,7 @@ def distributed_context(cfg: dict) -> Distributed | None:
     if not in_launch():
         return None
     if _DIST is None:
-        device = Distributed.device_for(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
-        _DIST = Distributed(device, cfg["distributed"]["timeout_s"])
+        _DIST = Distributed(cfg["device"], cfg["distributed"]["timeout_s"])
     return _DIST
 
 
@@ -241,11 +243,8 @@ def state_tensors(model: nn.Module, algo: Algorithm, optimizer: torch.optim.Opti
                 walk(f"{prefix}[{i}]", x)
 
     walk(f"{algo.name}", algo.state_dict())
-    for gi, g in enumerate(algo.param_groups(1.0)):
-        for i, t in enumerate(g["params"]):
-            named.append((f"{algo.name}.{g.get('name', 'param_group')}{gi}[{i}]", t))
     walk("optimizer", optimizer.state_dict()["state"])
-    return named
+    return named + algorithm_parameters(algo)
 
 
 def _sum_updates(dd: Distributed, optimizer: torch.optim.Optimizer, reported: dict[str, Tensor] | None) -> None:
