@@ -19,6 +19,8 @@ import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,32 @@ DIVERGED = "diverged.json"  # in the run directory when a run stopped on NaN/inf
 
 class Interrupted(CreditlabError):
     """Ctrl-C during training: the checkpoint was saved; ``--resume`` continues."""
+
+
+class DeferredCtrlC:
+    """Ctrl-C in a one-process run takes effect at the end of the current step, so the mid-epoch
+    checkpoint never holds a half-counted step (an update applied but not yet counted); a
+    second Ctrl-C interrupts at once. Only the main thread can own the handler; elsewhere, and
+    when not ``enabled`` (data-parallel ranks), Ctrl-C raises where it lands, as by default."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def prepare_batch(cfg: dict, xb: Tensor, yb: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -329,7 +357,9 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
 
     summary: dict = {}
     interrupted = False
+    ctrl_c = DeferredCtrlC(enabled=dd is None)
     try:
+        ctrl_c.install()
         for epoch in range(start_epoch, cfg["epochs"]):
             algo.on_epoch_start(epoch)
             model.train()
@@ -377,6 +407,8 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                         metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
                                        **res.extras, **algo.diagnostics()})
+                    if ctrl_c.requested:  # at a step boundary: the checkpoint below is consistent
+                        raise KeyboardInterrupt
             except KeyboardInterrupt:
                 interrupted = True
                 if dd is not None:  # the ranks' partial sums are not gathered mid-epoch
@@ -414,6 +446,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             (out / DIVERGED).write_text(json.dumps({"message": str(e), "step": e.step, "where": e.where}))
         raise
     finally:
+        ctrl_c.restore()
         metrics.close()
         if history and not interrupted and rank0:
             _write_csv(out / "metrics.csv", history)
