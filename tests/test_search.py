@@ -173,3 +173,28 @@ def test_a_killed_worker_leaves_the_study_usable(tmp_path, capsys):
     assert study.best_trial.number != killed
     saved = json.loads((out / "search.json").read_text())
     assert saved["finished"] == 2 and saved["best"]["trial"] == study.best_trial.number
+
+
+def test_a_trial_left_without_any_heartbeat_is_failed_and_replaced(tmp_path):
+    """A worker killed between creating its trial and the trial's first heartbeat leaves a RUNNING
+    trial Optuna's own stale check never fails; the next worker fails it after the grace period
+    instead of waiting for it forever."""
+    cfg = dict(BASE, name="nohb", epochs=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "s"
+    args = ["search", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--heartbeat", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def search(trials):  # in a subprocess: without the fix this would wait forever
+        r = subprocess.run([sys.executable, "-m", "creditlab", *args, "--trials", str(trials)], env=env,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    search(1)
+    url = f"sqlite:///{out / 'search.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    orphan = optuna.load_study(study_name="nohb", storage=url).ask().number  # RUNNING, no heartbeat thread
+    search(2)
+    states = {t.number: t.state for t in optuna.load_study(study_name="nohb", storage=url).trials}
+    assert states[orphan] == optuna.trial.TrialState.FAIL
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2

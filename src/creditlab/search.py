@@ -40,6 +40,7 @@ same trial numbers; TPE depends on the order trials finish in.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import multiprocessing
@@ -267,9 +268,40 @@ def open_study(cfg: dict, storage: optuna.storages.BaseStorage, name: str,
 
 
 def _fail_stale(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker is gone: Optuna's check for a heartbeat older
+    than the grace period, plus the trials it skips, those with no heartbeat at all (a worker
+    killed between creating the trial and its first heartbeat) started over a grace period ago;
+    without this a study could wait for such a trial forever."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    for trial_id in _heartbeatless(study):
+        try:
+            study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+            pass
+
+
+def _heartbeatless(study: optuna.Study) -> list[int]:
+    """Ids of RUNNING trials started more than the grace period ago that never sent a heartbeat
+    (read from the RDB storage's heartbeat table; Optuna has no public call for it)."""
+    storage = getattr(study._storage, "_backend", study._storage)  # a study wraps its RDB storage in a cache
+    interval = getattr(storage, "heartbeat_interval", None)
+    if not isinstance(storage, optuna.storages.RDBStorage) or interval is None:
+        return []
+    from optuna.storages._rdb import models
+    from sqlalchemy.orm import Session
+
+    grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
+    now = datetime.datetime.now()  # the clock Optuna stamps datetime_start with
+    old = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and now - t.datetime_start > grace}
+    if not old:
+        return []
+    with Session(storage.engine) as session:
+        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)
+                   .filter(models.TrialHeartbeatModel.trial_id.in_(old))}
+    return sorted(old - beating)
 
 
 def _room(study: optuna.Study, trials: int, heartbeat: float, before: int | None = None) -> bool:
