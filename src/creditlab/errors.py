@@ -2,7 +2,10 @@
 
 
 class CreditlabError(Exception):
-    """Base class; the command line prints these without a traceback and exits non-zero."""
+    """Base class; the command line prints these without a traceback and exits with
+    ``exit_code`` (2: bad input)."""
+
+    exit_code: int = 2
 
 
 class ConfigError(CreditlabError, ValueError):
@@ -15,6 +18,8 @@ class DataError(CreditlabError):
 
 class DivergenceError(CreditlabError):
     """NaN or inf appeared in a loss, state, update or weight during training."""
+
+    exit_code = 3
 
     def __init__(self, message: str, step: int | None = None, where: str | None = None):
         super().__init__(message)
