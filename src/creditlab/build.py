@@ -11,7 +11,7 @@ from creditlab.algorithms import Algorithm, algorithm_class, build_algorithm
 from creditlab.data import Dataset, load_dataset
 from creditlab.errors import ConfigError
 from creditlab.losses import Loss, build_loss
-from creditlab.models import MLP, build_named_model, parse_arch
+from creditlab.models import MLP, make_named_model, parse_arch
 from creditlab.spec import parse_spec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -55,10 +55,12 @@ def mlp_for(algos: str | list[str] | None, sizes: list[int], act, out_act: str, 
 
 
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Module:
-    """The config's model on its dtype and device; the layer spec must fit the data."""
+    """The config's model on its dtype and device; the layer spec, or a user factory's model
+    (checked by :func:`creditlab.models.make_named_model`), must fit the data."""
     m = cfg["model"]
+    what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
     if m["name"]:
-        model = build_named_model(m["name"], tuple(data_shape), num_out, **m["options"])
+        model = make_named_model(m["name"], tuple(data_shape), num_out, m["options"], outputs=what)
     else:
         sizes = parse_arch(m["arch"])
         n_in = 1
@@ -68,7 +70,6 @@ def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Modu
             raise ConfigError(f"model.arch {m['arch']!r} starts with {sizes[0]} inputs but the data has {n_in} "
                               f"features per sample (shape {tuple(data_shape)})")
         if sizes[-1] != num_out:
-            what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
             raise ConfigError(f"model.arch {m['arch']!r} ends with {sizes[-1]} outputs but the data has {num_out} {what}")
         model = mlp_for([cfg["algo"], *cfg["algos"]], sizes, m["act"], m["out_act"], m["bias"], m["init"])
     return model.to(device=resolve_device(cfg["device"]), dtype=DTYPES[cfg["dtype"]])
