@@ -126,5 +126,8 @@ def test_collect_names_diverged_runs_and_exits_3(tmp_path, capsys):
     run_cfg = yaml.safe_load((plan / "bp" / "seed0" / "config.yaml").read_text())
     run_cfg["optimizer"]["lr"] = 0.05  # a rerun that does not diverge clears the marker
     (plan / "bp" / "seed0" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
-    assert main(shlex.split(line)[1:]) == 0 and not (plan / "bp" / "seed0" / "diverged.json").exists()
+    assert main(shlex.split(line)[1:]) == 2  # the diverged run is not replaced without being told
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(shlex.split(line)[1:] + ["--overwrite"]) == 0
+    assert not (plan / "bp" / "seed0" / "diverged.json").exists()
     assert main(["collect", str(plan)]) == 0

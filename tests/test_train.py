@@ -119,11 +119,20 @@ def test_divergence_exits_non_zero_from_the_command_line(tmp_path):
     assert p.returncode == 3 and "divergence" in err and "Traceback" not in err
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    train(dict(SMALL, algo="bp", epochs=1), tmp_path, progress=False)
-    other = dict(SMALL, algo="bp", epochs=2, model={"arch": "36-20-10", "act": "tanh"})
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatch):
+    """Same config, but the user's factory now builds other shapes: the tensors do not fit."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "growing_net.py").write_text(
+        "from torch import nn\nWIDTH = {w}\n"
+        "def make(in_shape, num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(36, WIDTH), nn.Tanh(), "
+        "nn.Linear(WIDTH, num_classes))\n".replace("{w}", "16"))
+    cfg = dict(SMALL, algo="bp", epochs=1, model={"name": "growing_net:make"})
+    train(cfg, tmp_path / "run", progress=False)
+    import growing_net
+
+    monkeypatch.setattr(growing_net, "WIDTH", 20)
     with pytest.raises(ConfigError, match="different architecture"):
-        train(other, tmp_path, resume=True, progress=False)
+        train(dict(cfg, epochs=2), tmp_path / "run", resume=True, progress=False, extend=True)
 
 
 def test_resume_without_checkpoint_says_so(tmp_path):

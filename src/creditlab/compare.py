@@ -26,7 +26,9 @@ from creditlab.build import build_data
 from creditlab.data import Dataset
 from creditlab.errors import ConfigError, DivergenceError
 from creditlab.parallel import split_cores
-from creditlab.train import DIVERGED, angles_from, read_metrics, train
+from creditlab.rundir import CHECKPOINT, RunLock, check_out_dir, holds_run, prepare, writing
+from creditlab.metrics import angles_from, read_metrics
+from creditlab.train import DIVERGED, train
 
 PLAN = "plan.json"
 COMMANDS = "commands.txt"
@@ -159,9 +161,11 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
     ``summary.md`` and the plots in ``out`` from the runs' outcomes (in plan order). Diverged
     runs are listed under ``diverged``; missing or unfinished ones, if any, under ``incomplete``."""
     rows, curves, angle_curves = [], {}, {}
-    diverged = [{"algo": o.run.algo, "seed": o.run.seed, "message": o.message} for o in outcomes if o.status == "diverged"]
+    diverged = [{"algo": o.run.algo, "seed": o.run.seed, "message": o.message, "dir": str(o.run.dir),
+                 "rerun": "--overwrite"} for o in outcomes if o.status == "diverged"]
     incomplete = [{"algo": o.run.algo, "seed": o.run.seed, "status": o.status, "dir": str(o.run.dir),
-                   "line": i + 1, "message": o.message}  # line: its line of a plan's commands.txt
+                   "line": i + 1, "message": o.message,  # line: its line of a plan's commands.txt
+                   "rerun": rerun_flag(o.run.dir)}  # what its command line needs to continue it
                   for i, o in enumerate(outcomes) if o.status in ("missing", "unfinished")]
     for algo in cfg["algos"]:
         mine = [o for o in outcomes if o.run.algo == algo]
@@ -190,12 +194,27 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
     return summary
 
 
-def _train_run(run_cfg: dict, run: Run, resume: bool, progress: bool = False, data: Dataset | None = None) -> Outcome:
+def rerun_flag(run_dir: Path) -> str:
+    """The flag a run's planned command line needs to finish it: ``--resume`` where it has a
+    checkpoint, ``--overwrite`` where it stopped before its first one (nothing to continue),
+    else none."""
+    if (run_dir / CHECKPOINT).exists():
+        return "--resume"
+    return "--overwrite" if holds_run(run_dir) else ""
+
+
+def _train_run(run_cfg: dict, run: Run, resume: bool, progress: bool = False, data: Dataset | None = None,
+               extend: bool = False) -> Outcome:
     """One run, here or in a worker process: ``ok`` with its summary, or ``diverged`` (one
-    diverged run does not stop the comparison)."""
+    diverged run does not stop the comparison). Resuming a comparison continues each run from
+    its checkpoint (a finished one returns its summary) and starts again a run that stopped
+    before its first checkpoint."""
+    flag = rerun_flag(run.dir) if resume else ""
+    if flag == "--overwrite":
+        print(f"[{run.algo}] seed {run.seed}: no checkpoint in {run.dir}; starting this run again", flush=True)
     try:
-        return Outcome(run, "ok", train(run_cfg, run.dir, progress=progress, data=data,
-                                        resume=resume and (run.dir / "checkpoint.pt").exists()))
+        return Outcome(run, "ok", train(run_cfg, run.dir, progress=progress, data=data, resume=flag == "--resume",
+                                        overwrite=flag == "--overwrite", extend=extend))
     except DivergenceError as e:
         return Outcome(run, "diverged", message=str(e))
 
@@ -206,18 +225,18 @@ def _announce(outcome: Outcome) -> Outcome:
     return outcome
 
 
-def _run_serial(cfg: dict, runs: list[Run], progress: bool, resume: bool) -> list[Outcome]:
+def _run_serial(cfg: dict, runs: list[Run], progress: bool, resume: bool, extend: bool) -> list[Outcome]:
     """One run after another in this process, on one copy of the data."""
     data = build_data(cfg)
     outcomes = []
     for run in runs:
         if progress:
             print(f"[{run.algo}] seed {run.seed} -> {run.dir}", flush=True)
-        outcomes.append(_announce(_train_run(run_config(cfg, run), run, resume, progress, data)))
+        outcomes.append(_announce(_train_run(run_config(cfg, run), run, resume, progress, data, extend)))
     return outcomes
 
 
-def _run_parallel(cfg: dict, runs: list[Run], jobs: int, progress: bool, resume: bool) -> list[Outcome]:
+def _run_parallel(cfg: dict, runs: list[Run], jobs: int, progress: bool, resume: bool, extend: bool) -> list[Outcome]:
     """The runs in ``jobs`` spawned processes, each with its share of the cores as torch threads
     (the config's ``threads`` if set); every run loads its own data and equals its serial twin
     at equal threads."""
@@ -229,23 +248,34 @@ def _run_parallel(cfg: dict, runs: list[Run], jobs: int, progress: bool, resume:
         for run in runs:
             if progress:
                 print(f"[{run.algo}] seed {run.seed} -> {run.dir}", flush=True)
-            futures.append(pool.submit(_train_run, dict(run_config(cfg, run), threads=threads), run, resume))
+            futures.append(pool.submit(_train_run, dict(run_config(cfg, run), threads=threads), run, resume,
+                                       extend=extend))
         return [_announce(f.result()) for f in futures]
 
 
-def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool = False, jobs: int = 1) -> dict:
+def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool = False, jobs: int = 1,
+            overwrite: bool = False, extend: bool = False) -> dict:
     """Every algorithm x seed of ``cfg`` into ``out_dir``, one after another (``jobs=1``) or in
-    ``jobs`` local processes, then the comparison's summary and plots (returned: the summary)."""
+    ``jobs`` local processes, then the comparison's summary and plots (returned: the summary).
+
+    ``out_dir`` is locked for the comparison; one that already holds a comparison or run is
+    refused unless ``resume`` (continue every run; each must match its stored config, see
+    :func:`creditlab.train.train`, ``extend`` as there) or ``overwrite`` (remove it first)."""
     cfg = config_mod.resolve(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_mod.dump(cfg))
-    runs = planned_runs(cfg, out)
-    if jobs == 1:
-        outcomes = _run_serial(cfg, runs, progress, resume)
-    else:
-        outcomes = _run_parallel(cfg, runs, jobs, progress, resume)
-    return write_comparison(cfg, out, outcomes)
+    check_out_dir(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        prepare(out, resume, overwrite, what="comparison")
+        with writing(out):
+            (out / "config.yaml").write_text(config_mod.dump(cfg))
+            runs = planned_runs(cfg, out)
+            if jobs == 1:
+                outcomes = _run_serial(cfg, runs, progress, resume, extend)
+            else:
+                outcomes = _run_parallel(cfg, runs, jobs, progress, resume, extend)
+            return write_comparison(cfg, out, outcomes)
 
 
 def plan(cfg: dict, plan_dir: str | Path, program: str = "creditlab") -> list[Run]:
@@ -282,4 +312,5 @@ def collect(plan_dir: str | Path) -> dict:
                           f"creditlab compare --config FILE --plan {out}")
     cfg = config_mod.load(out / "config.yaml")
     runs = [Run(r["algo"], int(r["seed"]), out / r["dir"]) for r in json.loads((out / PLAN).read_text())["runs"]]
-    return write_comparison(cfg, out, [read_outcome(run) for run in runs])
+    with RunLock(out), writing(out):
+        return write_comparison(cfg, out, [read_outcome(run) for run in runs])

@@ -15,17 +15,17 @@ are functions of (seed, epoch, step), and the RNG state is checkpointed.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import signal
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from creditlab import config as config_mod
@@ -34,41 +34,14 @@ from creditlab.build import DTYPES, build_all, build_data, resolve_device
 from creditlab.data import Dataset, augment_batch, batch_indices, epoch_generator, iterate
 from creditlab.distributed import Distributed, Shard, in_launch, shard_range, stochastic_modules, use_shard
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
-from creditlab.errors import ConfigError, CreditlabError, DivergenceError
+from creditlab.errors import CreditlabError, DivergenceError
+from creditlab.interrupt import Interrupted, StopRequested, StopSignals, signal_name
 from creditlab.losses import Loss
+from creditlab.metrics import MetricsWriter, NullWriter, angles_from, progress_bar, report_epoch, write_csv, write_plots
+from creditlab.rundir import (CHECKPOINT, RunLock, check_out_dir, check_resume, check_signature, holds_run,
+                              model_signature, prepare, read_checkpoint, save_checkpoint, write_json, writing)
 
-CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.json"  # in the run directory when a run stopped on NaN/inf: {"message", "step", "where"}
-
-
-class Interrupted(CreditlabError):
-    """Ctrl-C during training: the checkpoint was saved; ``--resume`` continues."""
-
-
-class DeferredCtrlC:
-    """Ctrl-C in a one-process run takes effect at the end of the current step, so the mid-epoch
-    checkpoint never holds a half-counted step (an update applied but not yet counted); a
-    second Ctrl-C interrupts at once. Only the main thread can own the handler; elsewhere, and
-    when not ``enabled`` (data-parallel ranks), Ctrl-C raises where it lands, as by default."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def install(self) -> None:
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
 
 
 def prepare_batch(cfg: dict, xb: Tensor, yb: Tensor, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -156,55 +129,6 @@ def shadow_backprop(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, rng_befo
         _set_rng_state(after)
 
 
-def model_signature(model: nn.Module) -> list[list]:
-    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CreditlabError(f"{path}: cannot load checkpoint ({e})") from None
-    if ck.get("signature") != model_signature(model):
-        raise ConfigError(
-            f"{path}: checkpoint is for a different architecture ({ck.get('model_spec', '?')}); "
-            f"this config builds {getattr(model, 'spec', lambda: type(model).__name__)()}. "
-            "Use another --out directory or the config the checkpoint was made with."
-        )
-    return ck
-
-
-class MetricsWriter:
-    """Appends JSON lines; on resume truncates to what the checkpoint had seen."""
-
-    def __init__(self, path: Path, keep_lines: int | None):
-        self.path = path
-        if keep_lines is None:
-            path.write_text("")
-            self.lines = 0
-        else:
-            kept = path.read_text().splitlines()[:keep_lines] if path.exists() else []
-            path.write_text("".join(line + "\n" for line in kept))
-            self.lines = len(kept)
-        self.f = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, allow_nan=True) + "\n")
-        self.f.flush()
-        self.lines += 1
-
-    def close(self) -> None:
-        self.f.close()
-
-
 def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool,
              processes: int = 1) -> dict:
     s: dict[str, Any] = {"algo": algo.spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
@@ -285,23 +209,100 @@ def _sum_updates(dd: Distributed, optimizer: torch.optim.Optimizer, reported: di
 
 
 def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-          data: Dataset | None = None) -> dict:
+          data: Dataset | None = None, overwrite: bool = False, extend: bool = False) -> dict:
     """Train one (algorithm, seed) run as configured; returns the summary (also written to
-    ``out_dir/summary.json``). Raises DivergenceError on NaN/inf, Interrupted on Ctrl-C.
+    ``out_dir/summary.json``). Raises DivergenceError on NaN/inf, Interrupted on Ctrl-C or
+    SIGTERM (the mid-epoch checkpoint saved).
+
+    The run directory is locked while the run writes into it (a second writer is refused).
+    A directory that already holds a run is refused unless ``resume`` (continue it: its stored
+    config must equal ``cfg`` in everything that changes what is computed; ``extend=True``
+    says ``cfg['epochs']`` was given explicitly and may exceed the run's, extending it; a
+    finished run resumed without a change returns its summary) or ``overwrite`` (remove the
+    old run first). See :mod:`creditlab.rundir`.
 
     Under ``torchrun`` with more than one process this is one rank of a data-parallel run
     (:mod:`creditlab.distributed`): every rank draws the same global batch and trains on its
     slice, updates are all-reduced, and rank 0 alone writes the run directory."""
     cfg = config_mod.resolve(cfg)
     out = Path(out_dir)
+    check_out_dir(out)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     set_deterministic(cfg["deterministic"])
     dd = distributed_context(cfg)
     rank0 = dd is None or dd.rank == 0
     world = 1 if dd is None else dd.world
+    lock = RunLock(out)
+    refused: CreditlabError | None = None
+    ck: dict | None = None
+    try:
+        if rank0:
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            prepare(out, resume, overwrite)
+        if resume:
+            ck = _resumable(out, cfg, extend, world)
+    except CreditlabError as e:
+        refused = e
+    if dd is not None and dd.sum_floats([float(refused is not None)])[0] and refused is None:
+        refused = CreditlabError("the run was refused on another rank (rank 0 prints why)")  # no rank trains alone
+    if refused is not None:
+        lock.release()
+        raise refused
+    try:
+        if ck is not None and _finished(ck, cfg):
+            if rank0:
+                print(f"creditlab: {out} is a finished run of {cfg['epochs']} epochs; nothing to train (to train "
+                      f"it further: --resume --epochs N with N > {cfg['epochs']})", file=sys.stderr, flush=True)
+            return _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world)
+        with writing(out):
+            return _train(cfg, out, ck, progress, data, dd)
+    finally:
+        lock.release()
+
+
+class _Named:
+    """What :func:`_summary` reads of an algorithm, from a checkpoint (a finished run)."""
+
+    def __init__(self, ck: dict):
+        self.spec = (yaml.safe_load(ck.get("config") or "") or {}).get("algo", "?")
+
+
+def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
+    """The checkpoint to resume from, once the run's stored config and ``cfg`` agree."""
+    ck_path = out / CHECKPOINT
+    if not ck_path.exists():
+        if holds_run(out):
+            raise CreditlabError(f"--resume: {out} holds a run that stopped before its first checkpoint; start it "
+                                 "again with --overwrite (without --resume)")
+        raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
+    ck = read_checkpoint(ck_path)
+    check_resume(ck.get("config") or "", cfg, extend, out)
+    if ck.get("processes", 1) != world:
+        raise CreditlabError(f"--resume: {out} was trained with {ck.get('processes', 1)} process(es), this is "
+                             f"{world}; resume with --nproc {ck.get('processes', 1)} (the rounding of the batch "
+                             "sums depends on it)")
+    stored = (yaml.safe_load(ck.get("config") or "") or {}).get("epochs")
+    if stored is not None and cfg["epochs"] > stored and int(os.environ.get("RANK", "0")) == 0:
+        print(f"creditlab: extending the run in {out} from {stored} to {cfg['epochs']} epochs", file=sys.stderr,
+              flush=True)
+    return ck
+
+
+def _finished(ck: dict, cfg: dict) -> bool:
+    """The checkpoint holds every epoch ``cfg`` asks for."""
+    return ck["epoch"] >= cfg["epochs"] and ck["step_in_epoch"] == 0
+
+
+def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset | None,
+           dd: Distributed | None) -> dict:
+    """The training loop of :func:`train`, in a locked and checked run directory; ``ck`` is
+    the checkpoint to continue from, if any."""
+    rank0 = dd is None or dd.rank == 0
+    world = 1 if dd is None else dd.world
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / DIVERGED).unlink(missing_ok=True)
     device = dd.device if dd is not None else resolve_device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
@@ -314,10 +315,8 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     ck_path = out / CHECKPOINT
     start_epoch, start_step, global_step, history, angles, keep = 0, 0, 0, [], [], None
     partial: list = [0.0, 0.0, 0, 0]  # an interrupted epoch's time, loss sum, correct, seen
-    if resume:
-        if not ck_path.exists():
-            raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
-        ck = load_checkpoint(ck_path, model)
+    if ck is not None:
+        check_signature(ck, ck_path, model)
         model.load_state_dict(ck["model"])
         algo.load_state_dict(ck["algorithm"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -326,7 +325,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
     if rank0:
         (out / "config.yaml").write_text(config_mod.dump(cfg))
-    metrics = MetricsWriter(out / "metrics.jsonl", keep) if rank0 else _NullWriter()
+    metrics = MetricsWriter(out / "metrics.jsonl", keep) if rank0 else NullWriter()
     checked = checked_parameters(model, algo)
     augmenting = bool(cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"))
 
@@ -339,7 +338,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             "rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "angles": angles, "metrics_lines": metrics.lines,
             "signature": model_signature(model), "model_spec": str(getattr(model, "spec", lambda: "")()),
-            "config": config_mod.dump(cfg),
+            "config": config_mod.dump(cfg), "processes": world,
         })
 
     def batch(epoch: int, i: int, idx: Tensor) -> tuple[Shard, Tensor, Tensor]:
@@ -357,16 +356,16 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
 
     summary: dict = {}
     interrupted = False
-    ctrl_c = DeferredCtrlC(enabled=dd is None)
+    stop = StopSignals(deferred=dd is None)
     try:
-        ctrl_c.install()
+        stop.install()
         for epoch in range(start_epoch, cfg["epochs"]):
             algo.on_epoch_start(epoch)
             model.train()
             batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch, device=device)
             first = start_step if epoch == start_epoch else 0
             t_epoch, loss_sum, correct, seen = partial if first else (0.0, 0.0, 0, 0)
-            bar = _progress(range(first, len(batches)), progress and rank0, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
+            bar = progress_bar(range(first, len(batches)), progress and rank0, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")
             step_in_epoch = first
             try:
                 for i in bar:
@@ -407,16 +406,17 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                         metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
                                        **res.extras, **algo.diagnostics()})
-                    if ctrl_c.requested:  # at a step boundary: the checkpoint below is consistent
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
+                    stop.check()  # at a step boundary: the checkpoint below is consistent
+            except (KeyboardInterrupt, StopRequested) as e:
                 interrupted = True
+                signum = e.signum if isinstance(e, StopRequested) else signal.SIGINT
+                what = f"{signal_name(signum)}: interrupted in epoch {epoch + 1}"
                 if dd is not None:  # the ranks' partial sums are not gathered mid-epoch
-                    raise Interrupted(f"interrupted in epoch {epoch + 1}; a data-parallel run resumes from the "
-                                      f"last epoch's checkpoint in {ck_path} with --resume") from None
+                    raise Interrupted(f"{what}; a data-parallel run resumes from the last epoch's checkpoint in "
+                                      f"{ck_path} with --resume", signum) from None
                 checkpoint(epoch, step_in_epoch, [t_epoch, loss_sum, correct, seen])
-                raise Interrupted(f"interrupted in epoch {epoch + 1} after step {global_step}; checkpoint saved "
-                                  f"in {ck_path}; continue with --resume") from None
+                raise Interrupted(f"{what} after step {global_step}; checkpoint saved in {ck_path}; continue with "
+                                  f"creditlab train --out {out} --resume", signum) from None
             for p in model.parameters():
                 if not bool(torch.isfinite(p).all()):
                     raise DivergenceError(f"divergence in epoch {epoch + 1}: non-finite weights after the update "
@@ -438,77 +438,23 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
             summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world)
             if rank0:
-                (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_json(out / "summary.json", summary)
                 if progress:
-                    _report(record)
+                    report_epoch(record)
     except DivergenceError as e:
         if rank0:
             (out / DIVERGED).write_text(json.dumps({"message": str(e), "step": e.step, "where": e.where}))
         raise
     finally:
-        ctrl_c.restore()
+        stop.restore()
         metrics.close()
         if history and not interrupted and rank0:
-            _write_csv(out / "metrics.csv", history)
-            _plots(out, history, angles_from(out / "metrics.jsonl"))
+            write_csv(out / "metrics.csv", history)
+            write_plots(out, history, angles_from(out / "metrics.jsonl"))
     if not summary:
         summary = _summary(cfg, algo, history, angles, finished=True, processes=world)
         if rank0:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(out / "summary.json", summary)
     return summary
 
 
-class _NullWriter:
-    """The metrics writer of ranks other than 0 (rank 0 alone writes)."""
-
-    lines = 0
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def read_metrics(path: Path, kind: str) -> list[dict]:
-    """The ``kind`` records ("step" or "epoch") of a run's metrics.jsonl."""
-    if not path.exists():
-        return []
-    records = (json.loads(line) for line in path.read_text().splitlines())
-    return [r for r in records if r.get("kind") == kind]
-
-
-def angles_from(path: Path) -> list[dict]:
-    """The logged steps that carry per-layer angles."""
-    return [r for r in read_metrics(path, "step") if r.get("angles")]
-
-
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _report(record: dict) -> None:
-    parts = [f"epoch {record['epoch']}"] + [f"{k} {v:.4f}" for k, v in record.items()
-                                            if k.endswith(("accuracy", "loss")) and isinstance(v, float)]
-    print("  " + "  ".join(parts) + f"  ({record['seconds']:.1f}s)", flush=True)
-
-
-def _write_csv(path: Path, history: list[dict]) -> None:
-    keys = sorted({k for h in history for k in h if k != "kind"})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for h in history:
-            w.writerow({k: h.get(k, "") for k in keys})
-
-
-def _plots(out: Path, history: list[dict], step_rows: list[dict]) -> None:
-    from creditlab.plots import plot_angles, plot_curves
-
-    plot_curves(out / "accuracy.png", {"": history})
-    if step_rows:
-        plot_angles(out / "angles.png", step_rows)
