@@ -10,5 +10,15 @@ Public entry points:
 
 from creditlab.errors import ConfigError, CreditlabError, DataError, DivergenceError
 
-__version__ = "0.1.0"
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("creditlab")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 __all__ = ["ConfigError", "CreditlabError", "DataError", "DivergenceError", "__version__"]
