@@ -37,6 +37,7 @@ from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_
 from creditlab.errors import CreditlabError, DivergenceError
 from creditlab.interrupt import Interrupted, StopRequested, StopSignals, signal_name
 from creditlab.losses import Loss
+from creditlab.rng import global_rng_state, set_global_rng_state
 from creditlab.metrics import MetricsWriter, NullWriter, angles_from, progress_bar, report_epoch, write_csv, write_plots
 from creditlab.rundir import (CHECKPOINT, RunLock, check_out_dir, check_resume, check_signature, holds_run,
                               model_signature, prepare, read_checkpoint, save_checkpoint, write_json, writing)
@@ -104,29 +105,16 @@ def check_finite(params: list[tuple[str, Tensor]], algo: Algorithm, loss: Tensor
     )
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def shadow_backprop(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, rng_before: dict[str, Any]) -> dict[str, Tensor]:
     """Backprop's gradients on the batch the algorithm just used, with the RNG replayed to its
     state before the algorithm's step, so stochastic layers (dropout) draw the same masks as the
     algorithm's first forward pass; the RNG is then put back, so logging never changes training."""
-    after = _rng_state()
-    _set_rng_state(rng_before)
+    after = global_rng_state()
+    set_global_rng_state(rng_before)
     try:
         return backprop_grads(model, loss, x, y)
     finally:
-        _set_rng_state(after)
+        set_global_rng_state(after)
 
 
 def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool,
@@ -320,7 +308,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         model.load_state_dict(ck["model"])
         algo.load_state_dict(ck["algorithm"])
         optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"])
+        set_global_rng_state(ck["rng"])
         start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
     if rank0:
@@ -335,7 +323,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         save_checkpoint(ck_path, {
             "partial": partial,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
-            "rng": _rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "rng": global_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "angles": angles, "metrics_lines": metrics.lines,
             "signature": model_signature(model), "model_spec": str(getattr(model, "spec", lambda: "")()),
             "config": config_mod.dump(cfg), "processes": world,
@@ -371,7 +359,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                 for i in bar:
                     shard, xb, yb = batch(epoch, i, batches[i])
                     log_now = cfg["log_every"] > 0 and global_step % cfg["log_every"] == 0
-                    rng_before = _rng_state() if log_now else None
+                    rng_before = global_rng_state() if log_now else None
                     t0 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
                     with use_shard(shard):

@@ -197,19 +197,6 @@ def sgd_fit_grad(B: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     return X.T @ (X @ B - Y)
 
 
-def rng_state(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
-
-
-def set_rng_state(device: torch.device, state: Any) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
 # ---- the shared algorithm --------------------------------------------------------------------
 
 @dataclass

@@ -27,11 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import register_algorithm
-from creditlab.algorithms._feedback_learning import (
-    CleanPass, FeedbackLearner, loss_scale, np_estimate, rng_state, set_rng_state,
-)
+from creditlab.algorithms._feedback_learning import CleanPass, FeedbackLearner, loss_scale, np_estimate
 from creditlab.distributed import noise_like
 from creditlab.errors import ConfigError
+from creditlab.rng import rng_state, set_rng_state
 
 
 @register_algorithm

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from creditlab.algorithms import register_algorithm
-from creditlab.algorithms._feedback_learning import CleanPass, FeedbackLearner, rng_state, set_rng_state
+from creditlab.algorithms._feedback_learning import CleanPass, FeedbackLearner
+from creditlab.rng import rng_state, set_rng_state
 
 
 @register_algorithm

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from creditlab.diagnostics.angles import angle_deg
 from creditlab.diagnostics.feedback import sign_congruence
+from creditlab.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from creditlab.algorithms._feedback_learning import BlockNet, FeedbackLearner
@@ -59,7 +60,6 @@ def target_matrices(net: "BlockNet", form: str) -> list[Tensor | None]:
 def hidden_gradients(algo: "FeedbackLearner", x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """(synthetic g^i, true dL/dh^i) for every hidden layer on the batch (x, y), computed with
     the current B and W and without changing anything (RNG state included)."""
-    from creditlab.algorithms._feedback_learning import rng_state, set_rng_state
 
     dev = x.device
     state = rng_state(dev)
