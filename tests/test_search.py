@@ -19,9 +19,11 @@ from creditlab.cli import main
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
 from creditlab.models import MLP
-from creditlab.search import TABLE4, make_sampler, run_search, trial_config
+from creditlab.spec import parse_spec
+from creditlab.search import TABLE4, make_sampler, open_storage, open_study, run_search, search_space, trial_config
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+ROOT = Path(__file__).resolve().parents[1]
+SRC = str(ROOT / "src")
 BASE = {"dataset": "fake:n=256,classes=3,shape=1x4x4", "model": {"arch": "16-8-3", "act": "tanh"},
         "algo": "sdtp", "epochs": 2, "batch_size": 32, "log_every": 0, "threads": 1}
 
@@ -48,8 +50,47 @@ def test_trials_stay_in_the_table4_space_and_only_suggest_options_the_algorithm_
     trial = study.ask()
     cfg, drawn = trial_config({"algo": "fa"}, trial)
     assert cfg["algo"] == "fa" and set(drawn) == set(trial.params) == {"lr", "beta1", "beta2", "eps"}
-    cfg, drawn = trial_config({"algo": "dtp:sigma=0.05"}, study.ask())  # fixed in the spec: stays fixed
-    assert "sigma" not in drawn and "sigma=0.05" in cfg["algo"]
+    cfg, drawn = trial_config({"algo": "np"}, study.ask())  # np's sigma is not Table 4's inverse noise
+    assert set(drawn) == {"lr", "beta1", "beta2", "eps"} and cfg["algo"] == "np"
+
+
+def test_the_search_space_replaces_values_pinned_in_the_algorithm_spec():
+    """A value the spec pins is the config's starting point, not a constraint: a searched key is
+    drawn, the rest of the spec stays."""
+    study = _study()
+    cfg, drawn = trial_config({"algo": "dtp:schedule=alternating,sigma=0.05,alpha=0.5,inv_lr=0.01"}, study.ask())
+    name, opts = parse_spec(cfg["algo"])
+    assert {"sigma", "alpha", "inv_lr"} <= set(drawn) and opts["schedule"] == "alternating"
+    assert opts["sigma"] == drawn["sigma"] != 0.05 and opts["alpha"] == drawn["alpha"] != 0.5
+    assert 0.01 <= opts["sigma"] <= 0.3 and 1e-5 <= opts["inv_lr"] <= 3e-4
+    own = {"lr": ("choice", [0.1])}  # a declared space without sigma: sigma stays as pinned
+    cfg, drawn = trial_config({"algo": "dtp:sigma=0.05"}, _study().ask(), own)
+    assert drawn == {"lr": 0.1} and parse_spec(cfg["algo"])[1] == {"sigma": 0.05}
+    with pytest.raises(ConfigError, match="inv_eps, alpha, sigma are neither optimizer keys nor options of algorithm fa; valid: lr, "):
+        trial_config({"algo": "fa"}, study.ask(), dict(TABLE4))
+
+
+def test_the_readme_search_example_varies_the_algorithms_own_hyper_parameters(tmp_path, capsys):
+    """``creditlab search --config experiments/bartunov-mnist-fc-dtp-parallel.yaml``: the YAML pins
+    Table 5's alpha, sigma and inverse Adam, yet the search varies them (Table 4), says so, and
+    records it; here on tiny fake data of MNIST's shape, one trial of one epoch."""
+    path = ROOT / "experiments" / "bartunov-mnist-fc-dtp-parallel.yaml"
+    cfg = config.load(str(path))
+    tp_keys = {"alpha", "sigma", "inv_lr", "inv_beta1", "inv_beta2", "inv_eps"}
+    assert tp_keys | {"lr", "beta1", "beta2", "eps"} == set(search_space(cfg))
+    pinned = parse_spec(cfg["algo"])[1]
+    cfg.update(dataset="fake:n=60,classes=10,shape=1x28x28,test=20", epochs=1, log_every=0, threads=1)
+    res = run_search(cfg, 1, tmp_path / "s", verbose=True)
+    err = capsys.readouterr().err
+    assert res["varied"] == sorted(tp_keys | {"lr", "beta1", "beta2", "eps"})
+    assert res["replaced_config_values"]["alpha"] == pinned["alpha"] == 0.15008
+    trial_opts = parse_spec(res["trials"][0]["algo"])[1]
+    assert trial_opts["schedule"] == "parallel"
+    assert all(trial_opts[k] == res["trials"][0]["params"][k] for k in tp_keys)
+    assert all(trial_opts[k] != pinned[k] for k in ("alpha", "sigma", "inv_lr"))  # continuous: drawn anew
+    line = [ln for ln in err.splitlines() if "varies" in ln]
+    assert len(line) == 1 and line[0].startswith("creditlab: the search varies alpha, beta1, beta2, eps, inv_beta1")
+    assert "(Bartunov et al. Table 4)" in line[0] and "alpha=0.15008" in line[0]
 
 
 @pytest.mark.parametrize("kind", ["random", "tpe"])
@@ -137,7 +178,7 @@ def test_diverged_trials_are_pruned_not_fatal_and_exit_3(tmp_path, capsys):
     assert all("divergence" in t["diverged"] for t in saved["trials"])
 
 
-def test_a_killed_worker_leaves_the_study_usable(tmp_path, capsys):
+def test_a_killed_workers_replaced_trial_leaves_a_complete_study_exit_0_and_one_line(tmp_path, capsys):
     """SIGKILL a worker mid-trial: the next worker marks that trial FAIL (its heartbeat stopped)
     and still brings the study to the requested number of finished trials."""
     cfg = dict(BASE, name="kill", algo="dtp", dataset="fake:n=1200,classes=3,shape=1x4x4", epochs=10)
@@ -165,7 +206,11 @@ def test_a_killed_worker_leaves_the_study_usable(tmp_path, capsys):
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     killed = running[0].number
+    capsys.readouterr()
     assert main(args) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"creditlab: a worker died during trial {killed}; its trial was marked failed and replaced "
+                   "(2 of 2 trials finished)"]
     study = optuna.load_study(study_name="kill", storage=url)
     states = {t.number: t.state for t in study.trials}
     assert states[killed] == optuna.trial.TrialState.FAIL
@@ -173,6 +218,7 @@ def test_a_killed_worker_leaves_the_study_usable(tmp_path, capsys):
     assert study.best_trial.number != killed
     saved = json.loads((out / "search.json").read_text())
     assert saved["finished"] == 2 and saved["best"]["trial"] == study.best_trial.number
+    assert saved["worker_died"] == [killed]
 
 
 def test_a_trial_left_without_any_heartbeat_is_failed_and_replaced(tmp_path):
@@ -198,3 +244,35 @@ def test_a_trial_left_without_any_heartbeat_is_failed_and_replaced(tmp_path):
     states = {t.number: t.state for t in optuna.load_study(study_name="nohb", storage=url).trials}
     assert states[orphan] == optuna.trial.TrialState.FAIL
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
+
+
+def test_a_storage_url_whose_driver_is_missing_names_the_package_and_fails_fast(tmp_path, monkeypatch):
+    for module in ("psycopg", "psycopg2", "pymysql", "MySQLdb"):  # not installed, whatever this machine has
+        monkeypatch.setitem(sys.modules, module, None)
+    for url, package in [("postgresql+psycopg2://u:secret@10.255.255.1/db", "pip install psycopg2-binary"),
+                         ("postgresql://u:secret@10.255.255.1/db", "pip install "),  # psycopg2 or psycopg[binary]
+                         ("mysql+pymysql://u:secret@10.255.255.1/db", "pip install PyMySQL"),
+                         ("mysql://u:secret@10.255.255.1/db", "pip install mysqlclient (or write mysql+pymysql")]:
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as e:
+            run_search(BASE, 1, tmp_path / "s", storage=url)
+        msg = str(e.value)
+        assert time.monotonic() - start < 10 and "\n" not in msg
+        assert package in msg and "needs the database driver" in msg and "secret" not in msg
+        assert "psycopg" in msg if url.startswith("postgresql") else "mysql" in msg.lower()
+    with pytest.raises(ConfigError, match="unknown kind of database 'nosuchdb'"):
+        run_search(BASE, 1, tmp_path / "s", storage="nosuchdb://h/db")
+
+
+def test_joining_a_study_made_for_another_config_names_the_differing_keys(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = config.resolve(dict(BASE, optimizer={"lr": 0.01}))
+    open_study(first, storage, "s", make_sampler("random", 0))
+    open_study(dict(first, device="cpu", threads=2), storage, "s", make_sampler("random", 0))  # may differ
+    other = config.resolve(dict(BASE, optimizer={"lr": 0.001}, epochs=3))
+    with pytest.raises(ConfigError) as e:
+        open_study(other, storage, "s", make_sampler("random", 0))
+    msg = str(e.value)
+    assert "created for another config: epochs: 2 (study) vs 3 (this config); " \
+           "optimizer.lr: 0.01 (study) vs 0.001 (this config); use another --study" in msg

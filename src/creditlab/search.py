@@ -23,18 +23,34 @@ A config may declare its own space and sampler (``search:`` in the YAML)::
 
 Names are optimizer keys (``lr``, ``beta1``, ``beta2``, ``eps``, ``momentum``, ``weight_decay``;
 naming a beta or eps makes the optimizer Adam, as Table 4 does) or options of the config's
-algorithm. Algorithm options are only suggested where the algorithm has them (Table 4's
-``inv_*`` and ``sigma`` for the target-propagation family, ``alpha`` for dtp); a declared space
-naming an option the algorithm lacks is an error; options fixed in the config's spec stay fixed.
+algorithm; any other name is an error. Without a declared space the search varies Table 4 as it
+applies to the algorithm (:func:`table4_space`): the forward Adam always, and for the
+target-propagation family (tp, dtp, sdtp, aosdtp) also the inverse Adam ``inv_*``, ``sigma`` and,
+for dtp, ``alpha`` (for BP, FA, DFA, ... only the forward Adam, as the paper tuned BP).
+
+**The space wins over the config.** Every key of the space is varied, and each trial replaces
+the config's value of it, whether the value is in ``optimizer:`` or pinned in the algorithm spec
+(``dtp:alpha=0.15,sigma=0.36``): a config is the point a search starts from (the
+``experiments/bartunov-*.yaml`` files pin Table 5's *results*), not a constraint on it. Values of
+keys outside the space (``schedule``, ``aux``, ...) stay as the config has them. To keep a key
+fixed, declare a space without it. The search prints the keys it varies and the config values
+the trials replace (unless quiet), and records them in ``search.json`` (``varied``, ``space``,
+``space_source``, ``replaced_config_values``).
 
 Engine: an Optuna study in an RDB storage (default ``sqlite:///<out>/search.db``), joined with
 ``load_if_exists`` by every worker, local (``workers``) or on other machines (same ``--storage``
 URL and ``--study`` name). ``trials`` is the study's total of finished trials (COMPLETE, or
 PRUNED = diverged), however many workers share it. Workers send a heartbeat; a trial whose worker
 was killed is marked FAIL once its heartbeat is older than the grace period (2 x heartbeat) and
-does not count: another trial replaces it. The random sampler draws each trial's values from
-(seed, trial number, parameter name) alone, so any number of workers draw the same values for the
-same trial numbers; TPE depends on the order trials finish in.
+does not count: another trial replaces it. Such trials are listed in ``search.json`` under
+``worker_died``; a search that still reaches its total says so in one line on stderr and
+succeeds. A trial whose run raised is FAIL with the user attribute ``error`` (and its worker
+fails); one started when the study was already complete, with ``surplus``. The study stores the
+config it was created for; joining it with another names each differing dotted key. A storage
+URL whose database driver is not installed fails at once, naming the package to install. The
+random sampler draws each trial's values from (seed, trial number, parameter name) alone, so any
+number of workers draw the same values for the same trial numbers; TPE depends on the order
+trials finish in.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ import json
 import math
 import multiprocessing
 import socket
+import sys
 import time
 import warnings
 import zlib
@@ -53,11 +70,13 @@ from typing import Any
 
 import numpy as np
 import optuna
+import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from creditlab import config as config_mod
 from creditlab.algorithms import algorithm_class
+from creditlab.algorithms._targetprop import TargetPropagation
 from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 from creditlab.parallel import split_cores
 from creditlab.spec import format_spec, parse_spec
@@ -118,21 +137,57 @@ def check_search(search: dict, algo: str) -> None:
         return
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"search.space = {space!r} must be a mapping name -> distribution (or null for Table 4)")
-    name, _ = parse_spec(str(algo))
-    options = algorithm_class(name).defaults
     for key, raw in space.items():
         parse_distribution(str(key), raw)
-        if key not in OPTIMIZER_KEYS and key not in options:
-            raise ConfigError(f"search.space.{key}: neither an optimizer key nor an option of algorithm {name}; "
-                              f"valid: {', '.join([*OPTIMIZER_KEYS, *sorted(options)])}")
+    check_space({str(k): v for k, v in space.items()}, algo)
+
+
+def table4_space(algo: str) -> dict[str, tuple]:
+    """Table 4 for ``algo``: the forward Adam (``lr``, ``beta1``, ``beta2``, ``eps``) always, and
+    for the target-propagation family (tp, dtp, sdtp, aosdtp) its own options: the inverse Adam
+    (``inv_*``), ``sigma`` and, for dtp, ``alpha``. Other algorithms get the optimizer keys only
+    (np's ``sigma`` is its perturbation size, not Table 4's inverse-training noise)."""
+    cls = algorithm_class(parse_spec(str(algo))[0])
+    tp = issubclass(cls, TargetPropagation)
+    return {k: v for k, v in TABLE4.items() if k in OPTIMIZER_KEYS or (tp and k in cls.defaults)}
+
+
+def check_space(space: dict[str, tuple], algo: str, where: str = "search.space") -> None:
+    """Every name of ``space`` must be an optimizer key or an option of ``algo``'s algorithm."""
+    name, _ = parse_spec(str(algo))
+    options = algorithm_class(name).defaults
+    bad = [key for key in space if key not in OPTIMIZER_KEYS and key not in options]
+    valid = f"valid: {', '.join([*OPTIMIZER_KEYS, *sorted(options)])}"
+    if len(bad) == 1:
+        raise ConfigError(f"{where}.{bad[0]}: neither an optimizer key nor an option of algorithm {name}; {valid}")
+    if bad:
+        raise ConfigError(f"{where}: {', '.join(bad)} are neither optimizer keys nor options of algorithm {name}; "
+                          f"{valid}")
 
 
 def search_space(cfg: dict) -> dict[str, tuple]:
-    """The config's declared space as tuples, else :data:`TABLE4`."""
+    """The space the search varies, every key of it: the config's declared ``search.space`` as
+    tuples, else :func:`table4_space` of its algorithm."""
     declared = (cfg.get("search") or {}).get("space")
     if declared is None:
-        return dict(TABLE4)
+        return table4_space(str(cfg.get("algo", "bp")))
     return {str(k): parse_distribution(str(k), v) for k, v in declared.items()}
+
+
+def replaced_values(cfg: dict, space: dict[str, tuple]) -> dict[str, Any]:
+    """The config's own values of the searched keys, which the trials replace: the optimizer's
+    (``beta1``/``beta2`` are its ``betas``) and those the algorithm spec pins."""
+    _, opts = parse_spec(str(cfg.get("algo", "bp")))
+    opt = cfg.get("optimizer") or {}
+    betas = list(opt.get("betas") or [None, None])
+    mine = {"beta1": betas[0], "beta2": betas[1], **{k: opt[k] for k in OPTIMIZER_KEYS if k in opt}}
+    out = {}
+    for key in sorted(space):
+        if key in opts:
+            out[key] = opts[key]
+        elif key in OPTIMIZER_KEYS and mine.get(key) is not None:
+            out[key] = mine[key]
+    return out
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: tuple) -> Any:
@@ -146,16 +201,16 @@ def _suggest(trial: optuna.Trial, name: str, dist: tuple) -> Any:
 
 
 def trial_config(config: dict, trial: optuna.Trial, space: dict[str, tuple] | None = None) -> tuple[dict, dict]:
-    """One configuration suggested by ``trial`` from ``space`` (default Table 4): (trial config,
-    suggested values). Only optimizer keys and options the algorithm has, and that its spec does
-    not fix, are suggested, in sorted order (the order the random sampler sees them in)."""
-    space = TABLE4 if space is None else space
-    name, opts = parse_spec(str(config.get("algo", "bp")))
-    allowed = algorithm_class(name).defaults
-    params: dict[str, Any] = {}
-    for key in sorted(space):
-        if key in OPTIMIZER_KEYS or (key in allowed and key not in opts):
-            params[key] = _suggest(trial, key, space[key])
+    """One configuration suggested by ``trial`` from ``space`` (default :func:`table4_space` of the
+    config's algorithm): (trial config, suggested values). Every key of the space is suggested, in
+    sorted order (the order the random sampler sees them in), and replaces the config's value of
+    it, an option pinned in the algorithm spec included; a key that is neither an optimizer key
+    nor an option of the algorithm is a ConfigError."""
+    algo = str(config.get("algo", "bp"))
+    space = table4_space(algo) if space is None else space
+    check_space(space, algo)
+    name, opts = parse_spec(algo)
+    params: dict[str, Any] = {key: _suggest(trial, key, space[key]) for key in sorted(space)}
     cfg = copy.deepcopy(config)
     opt = dict(cfg.get("optimizer", {}))
     if any(k in space for k in ADAM_KEYS):
@@ -220,12 +275,51 @@ def make_sampler(kind: str, seed: int, worker: int = 0) -> optuna.samplers.BaseS
     raise ConfigError(f"search sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
 
 
+# the Python module a SQLAlchemy dialect imports -> what to pip install (and another way, if any)
+DRIVERS = {"psycopg": ("'psycopg[binary]'", "or write postgresql+psycopg2://... and pip install psycopg2-binary"),
+           "psycopg2": ("psycopg2-binary", ""), "pg8000": ("pg8000", ""), "asyncpg": ("asyncpg", ""),
+           "pymysql": ("PyMySQL", ""),
+           "MySQLdb": ("mysqlclient", "or write mysql+pymysql://... and pip install PyMySQL"),
+           "mysql": ("mysql-connector-python", ""), "mariadb": ("mariadb", ""), "oracledb": ("oracledb", ""),
+           "cx_Oracle": ("cx_Oracle", ""), "pyodbc": ("pyodbc", ""), "pymssql": ("pymssql", "")}
+URL_FORMS = "e.g. sqlite:///runs/s/search.db, postgresql://user:password@host/db or mysql+pymysql://user:password@host/db"
+
+
+def check_storage_url(url: str) -> None:
+    """Fail fast, before any connection, on a storage URL that is not one, names an unknown kind
+    of database, or needs a database driver that is not installed (the error names the package)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r} is not a database URL; {URL_FORMS}")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {_redact(url)} is not a database URL; {URL_FORMS}") from None
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"--storage {_redact(url)}: unknown kind of database {parsed.drivername!r}; "
+                          f"{URL_FORMS}") from None
+    load = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
+    if load is None:
+        return
+    try:
+        load()
+    except ImportError as e:
+        module = getattr(e, "name", None) or str(e)
+        package, other = DRIVERS.get(module, (module.split(".")[0], ""))
+        raise ConfigError(f"--storage {_redact(url)} needs the database driver {module!r} "
+                          f"(SQLAlchemy's for {parsed.drivername}://), which is not installed: pip install {package}"
+                          f"{f' ({other})' if other else ''}") from None
+
+
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage with worker heartbeats (grace period 2 x ``heartbeat`` seconds).
-    SQLite waits up to 60 s for a lock held by another worker instead of failing at once."""
-    if "://" not in url:
-        raise ConfigError(f"--storage {url!r} is not a database URL; e.g. sqlite:///runs/s/search.db, "
-                          "postgresql://user:password@host/db or mysql+pymysql://user:password@host/db")
+    SQLite waits up to 60 s for a lock held by another worker instead of failing at once. The URL
+    and its driver are checked first (:func:`check_storage_url`)."""
+    check_storage_url(url)
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat {heartbeat}: must be >= 1 second")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
@@ -234,8 +328,13 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storage
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
                                               grace_period=2 * int(heartbeat))
-    except Exception as e:  # noqa: BLE001  (driver missing, host unreachable, bad URL: all the user's to fix)
-        raise ConfigError(f"cannot open the search storage {_redact(url)}: {e}") from None
+    except Exception as e:  # noqa: BLE001  (host unreachable, wrong password, ...: all the user's to fix)
+        raise ConfigError(f"cannot open the search storage {_redact(url)}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _redact(url: str) -> str:
@@ -252,9 +351,30 @@ def _fingerprint(cfg: dict) -> str:
     return config_mod.dump({k: v for k, v in cfg.items() if k not in ("device", "threads", "data_dir")})
 
 
+_ABSENT = object()
+
+
+def _config_diff(theirs: Any, mine: Any, prefix: str = "") -> list[str]:
+    """``key.sub: V (study) vs W (this config)`` for every dotted key whose values differ."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        out = []
+        for key in sorted(set(theirs) | set(mine), key=str):
+            out += _config_diff(theirs.get(key, _ABSENT), mine.get(key, _ABSENT), f"{prefix}{key}.")
+        return out
+    if theirs == mine:
+        return []
+
+    def show(v: Any) -> str:
+        return "(absent)" if v is _ABSENT else json.dumps(v, default=str)
+
+    return [f"{prefix.rstrip('.')}: {show(theirs)} (study) vs {show(mine)} (this config)"]
+
+
 def open_study(cfg: dict, storage: optuna.storages.BaseStorage, name: str,
                sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create the study or join it; joining a study made for another config is an error."""
+    """Create the study or join it. The creator stores its resolved config (device, threads and
+    data_dir aside) in the study's user attribute ``config``; joining a study made for another
+    config is an error naming each differing key with both values."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="maximize",
                                 load_if_exists=True)
     mine = _fingerprint(cfg)
@@ -262,8 +382,15 @@ def open_study(cfg: dict, storage: optuna.storages.BaseStorage, name: str,
     if theirs is None:
         study.set_user_attr("config", mine)
     elif theirs != mine:
-        raise ConfigError(f"study {name!r} in this storage was created for another config; "
-                          "use another --study name (or --out directory) or the study's own config")
+        try:
+            diff = _config_diff(yaml.safe_load(theirs), yaml.safe_load(mine))
+        except yaml.YAMLError:
+            diff = ["(the study's stored config cannot be read)"]
+        if diff:
+            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise ConfigError(f"study {name!r} in this storage was created for another config: "
+                              f"{'; '.join(diff[:6])}{more}; use another --study name (or --out directory) "
+                              "or the study's own config")
     return study
 
 
@@ -356,6 +483,12 @@ def search_worker(cfg: dict, trials: int, out: str | Path, storage_url: str, stu
         except DivergenceError as e:  # a result ("this point diverges"), not a crash: PRUNED, counted
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(f"diverged: {e}") from None
+        except BaseException as e:  # a crash or Ctrl-C: FAIL, marked so that it is not taken for a dead worker
+            try:
+                trial.set_user_attr("error", f"{type(e).__name__}: {_first_line(e)}")
+            except Exception:  # noqa: BLE001  (the storage itself may be what failed)
+                pass
+            raise
         trial.set_user_attr("summary", summary)
         for key in TEST_KEYS:
             if key in summary:
@@ -367,6 +500,12 @@ def search_worker(cfg: dict, trials: int, out: str | Path, storage_url: str, stu
             study.stop()
 
     study.optimize(objective, n_trials=trials, callbacks=[stop_when_done], catch=(_Surplus,))
+
+
+def _died(t: FrozenTrial) -> bool:
+    """A FAIL trial that its worker did not end itself (no ``surplus``, no ``error``): the worker
+    died and another marked the trial failed once its heartbeat stopped."""
+    return t.state == TrialState.FAIL and "surplus" not in t.user_attrs and "error" not in t.user_attrs
 
 
 def _record(t: FrozenTrial) -> dict:
@@ -381,6 +520,7 @@ def report(study: optuna.Study, trials: int) -> dict:
     res: dict[str, Any] = {"selected_on": "validation", "study": study.study_name, "trials_requested": trials,
                            "finished": sum(t.state in _FINISHED for t in all_trials),
                            "diverged": sum("diverged" in t.user_attrs for t in all_trials),
+                           "worker_died": [t.number for t in all_trials if _died(t)],
                            "best": best, "trials": [_record(t) for t in all_trials]}
     if best is not None and "summary" in best:
         s = best["summary"]
@@ -401,13 +541,24 @@ def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, sp
     cfg = config_mod.resolve(config)
     if trials < 1:
         raise ConfigError(f"search: trials={trials} must be >= 1 (the paper used 60)")
+    if storage is not None:
+        check_storage_url(storage)  # before anything is created: a missing driver fails at once
     search = cfg["search"] or {}
     kind = sampler or search.get("sampler") or "random"
     make_sampler(kind, seed)  # validates kind and seed before anything starts
     if space is None:
+        source = "Bartunov et al. Table 4" if search.get("space") is None else "the config's search.space"
         space = search_space(cfg)
     else:
+        source = "the space given"
         space = {k: parse_distribution(k, v) for k, v in space.items()}
+        check_space(space, cfg["algo"], "space")
+    replaced = replaced_values(cfg, space)
+    verbose = progress if verbose is None else verbose
+    if verbose:
+        print(f"creditlab: the search varies {', '.join(sorted(space))} ({source}); each trial replaces the "
+              f"config's {', '.join(f'{k}={v}' for k, v in replaced.items()) or 'values of them'}",
+              file=sys.stderr, flush=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'search.db').resolve()}"
@@ -415,11 +566,12 @@ def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, sp
     workers, threads = split_cores(workers, cfg["threads"], "--workers")
     if workers > 1 and cfg["threads"] is None:
         cfg["threads"] = threads
-    verbose = progress if verbose is None else verbose
     the_study = open_study(cfg, open_storage(url, heartbeat), name, make_sampler(kind, seed))  # create it once
+    failed_before = {t.number for t in the_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     args = dict(cfg=cfg, trials=trials, out=str(out), storage_url=url, study_name=name, sampler=kind, seed=seed,
                 space=space, heartbeat=heartbeat, verbose=verbose)
     failed: list[str] = []
+    killed: list[str] = []
     if workers == 1:
         search_worker(**args, progress=progress)
     else:
@@ -429,16 +581,40 @@ def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, sp
             p.start()
         for i, p in enumerate(procs):
             p.join()
-            if p.exitcode != 0:
+            if p.exitcode is not None and p.exitcode < 0:  # killed by a signal: its trial is failed and replaced
+                killed.append(f"worker {i} ({_signal_name(-p.exitcode)})")
+            elif p.exitcode != 0:
                 failed.append(f"worker {i} (exit code {p.exitcode})")
     res = report(the_study, trials)
-    res.update(seed=seed, sampler=kind, storage=_redact(url), workers=workers)
+    res.update(seed=seed, sampler=kind, storage=_redact(url), workers=workers, space_source=source,
+               space={k: list(v) for k, v in sorted(space.items())}, varied=sorted(space),
+               replaced_config_values=replaced)
     (out / "search.json").write_text(json.dumps(res, indent=2, default=str))
-    if failed:
-        raise CreditlabError(f"search: {', '.join(failed)} failed; the study keeps every finished trial "
+    complete = res["finished"] >= trials
+    if failed or (killed and not complete):
+        raise CreditlabError(f"search: {', '.join(failed + killed)} failed; the study keeps every finished trial "
                              f"({res['finished']} of {trials}); run the same command again to complete it")
+    died = [n for n in res["worker_died"] if n not in failed_before]
+    if died and complete:
+        which = (f"a worker died during trial {died[0]}; its trial was" if len(died) == 1 else
+                 f"workers died during trials {', '.join(map(str, died))}; their trials were")
+        print(f"creditlab: {which} marked failed and replaced ({res['finished']} of {trials} trials finished)",
+              file=sys.stderr, flush=True)
+    elif killed:
+        print(f"creditlab: {', '.join(killed)} was killed between trials; the other workers finished the study "
+              f"({res['finished']} of {trials} trials finished)", file=sys.stderr, flush=True)
     return res
 
 
-__all__ = ["TABLE4", "NumberSeededRandomSampler", "check_search", "make_sampler", "open_storage", "open_study",
-           "parse_distribution", "report", "run_search", "score", "search_space", "search_worker", "trial_config"]
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+__all__ = ["TABLE4", "NumberSeededRandomSampler", "check_search", "check_space", "check_storage_url", "make_sampler",
+           "open_storage", "open_study", "parse_distribution", "replaced_values", "report", "run_search", "score",
+           "search_space", "search_worker", "table4_space", "trial_config"]
