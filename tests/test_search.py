@@ -221,6 +221,43 @@ def test_a_killed_workers_replaced_trial_leaves_a_complete_study_exit_0_and_one_
     assert saved["worker_died"] == [killed]
 
 
+def test_a_local_worker_killed_mid_trial_is_replaced_and_the_search_still_succeeds(tmp_path, capsys):
+    """--workers 2, one of them SIGKILLed while both run a trial: the other replaces the trial and
+    the search returns normally, with one line saying so (not a 'worker failed' error)."""
+    import multiprocessing
+    import threading
+
+    cfg = dict(BASE, name="kill2", algo="dtp", dataset="fake:n=1200,classes=3,shape=1x4x4", epochs=10)
+    out = tmp_path / "s"
+    url = f"sqlite:///{out / 'search.db'}"
+    killed: list[int] = []
+
+    def kill_one_when_both_run():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            time.sleep(0.1)
+            try:
+                running = optuna.load_study(study_name="kill2", storage=url).get_trials(
+                    states=(optuna.trial.TrialState.RUNNING,))
+            except Exception:  # noqa: BLE001  (the study is not created yet)
+                continue
+            children = multiprocessing.active_children()
+            if len(running) == 2 and len(children) == 2:
+                os.kill(children[0].pid, signal.SIGKILL)
+                killed.append(children[0].pid)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    killer = threading.Thread(target=kill_one_when_both_run, daemon=True)
+    killer.start()
+    res = run_search(cfg, 2, out, workers=2, heartbeat=1, verbose=False)
+    killer.join()
+    assert killed, "no moment with both workers in a trial"
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("creditlab:")]
+    assert len(res["worker_died"]) == 1 and res["finished"] == 2
+    assert err == [f"creditlab: a worker died during trial {res['worker_died'][0]}; its trial was marked failed "
+                   "and replaced (2 of 2 trials finished)"]
+
+
 def test_a_trial_left_without_any_heartbeat_is_failed_and_replaced(tmp_path):
     """A worker killed between creating its trial and the trial's first heartbeat leaves a RUNNING
     trial Optuna's own stale check never fails; the next worker fails it after the grace period
