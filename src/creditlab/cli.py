@@ -177,12 +177,12 @@ def cmd_train(args) -> int:
     else:
         cfg, over, note = _load_cfg(args, one_algo=True)
         out = Path(args.out) if args.out else _default_run_dir(cfg)
+    try:
+        resolve_device(cfg["device"])  # before anything starts: with --nproc, one error, not one per process
+    except ConfigError as e:
+        where = next((o.label for o in reversed(over) if o.key == "device"), args.config)
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     if args.nproc is not None and args.nproc > 1:
-        try:
-            resolve_device(cfg["device"])  # one error here, not one per process after the launch
-        except ConfigError as e:
-            where = next((o.label for o in reversed(over) if o.key == "device"), args.config)
-            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
         return launch_nproc(args.nproc, args.argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
