@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.algorithms._verify import VERIFY_CHOICES, guard_first_step, snapshot
 from creditlab.errors import ConfigError
 from creditlab.models import MLP, require_mlp
 from creditlab.models.init import init_weight_
@@ -204,6 +205,9 @@ def check_relaxation_options(o: dict[str, Any]) -> None:
     choice("ar", "init", o["init"], ("forward", "zero"))
     choice("ar", "schedule", o["schedule"], ("synchronous", "sweep"))
     choice("ar", "feedback", o["feedback"], ("transpose", "random", "learned"))
+    if o["verify"] is False:  # the spec parser reads "off" as false
+        o["verify"] = "off"
+    choice("ar", "verify", o["verify"], VERIFY_CHOICES)
     steps = o["steps"]
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0) and not (
             isinstance(steps, float) and math.isinf(steps)):
@@ -242,6 +246,7 @@ class ActivationRelaxation(Algorithm):
         "feedback_lr": None,
         "feedback_decay": 0.0,
         "feedback_init": None,
+        "verify": "first",
     }
     divergence_hint = "lower eta (relaxation step) or the learning rate, or use mode=exact with steps=inf"
 
@@ -273,6 +278,7 @@ class ActivationRelaxation(Algorithm):
                 psis.append(nn.Parameter(w.t().contiguous(), requires_grad=o["feedback"] == "learned"))
             self.feedback = nn.ParameterList(psis)
         self.last_trace: list[list[float]] | None = None
+        self._verified = False
 
     # -- optimizer and checkpoint plumbing ------------------------------------------
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -334,21 +340,57 @@ class ActivationRelaxation(Algorithm):
         return states
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
+        pending = self.options["verify"] == "first" and not self._verified
+        before = snapshot(self.mlp, x.device) if pending else None
         with torch.no_grad():
             trace = self.mlp.trace(x)
             loss = self.loss(trace.out, y)
             states = self.relax(trace, y)
-            acts = self.mlp.activations
-            for l, layer in enumerate(self.mlp.layers):
-                delta = states[l + 1]
-                if self.options["update_derivative"]:
-                    delta = delta * acts[l].df(trace.pre[l])  # type: ignore[operator]
-                layer.weight.grad = delta.t() @ trace.xs[l]  # type: ignore[union-attr]
-                if layer.bias is not None:
-                    layer.bias.grad = delta.sum(0)  # type: ignore[union-attr]
-                if self.options["feedback"] == "learned" and l >= 1:
-                    self.feedback[l - 1].grad = layer.weight.grad.t().clone()  # type: ignore[index]
+            grads, fb = self.updates(trace, states, bool(self.options["update_derivative"]))
+            for p, g in grads.values():
+                p.grad = g
+            for l, g in fb.items():
+                self.feedback[l - 1].grad = g  # type: ignore[index]
+        if pending:
+            try:
+                self._verified = self._verify(x, y, trace, grads, before)
+            except ConfigError:
+                for p, _ in grads.values():
+                    p.grad = None
+                raise
         return StepResult(loss, trace.out)
+
+    @torch.no_grad()
+    def updates(self, trace, states: list[Tensor | None], update_derivative: bool
+                ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[int, Tensor]]:
+        """The local products dW_l = (x^{l+1} f'(a_l)) x^{l T} (bias: the summed delta) by
+        parameter name, and learned psi_l's updates (dW_l transposed) by layer."""
+        acts = self.mlp.activations
+        grads: dict[str, tuple[Tensor, Tensor]] = {}
+        fb: dict[int, Tensor] = {}
+        for l, layer in enumerate(self.mlp.layers):
+            delta = states[l + 1]
+            if update_derivative:
+                delta = delta * acts[l].df(trace.pre[l])  # type: ignore[operator]
+            gw = delta.t() @ trace.xs[l]  # type: ignore[union-attr]
+            grads[f"layers.{l}.weight"] = (layer.weight, gw)
+            if layer.bias is not None:
+                grads[f"layers.{l}.bias"] = (layer.bias, delta.sum(0))  # type: ignore[union-attr]
+            if self.options["feedback"] == "learned" and l >= 1:
+                fb[l] = gw.t().clone()
+        return grads, fb
+
+    def _verify(self, x: Tensor, y: Tensor, trace, grads: dict[str, tuple[Tensor, Tensor]], before) -> bool:
+        o = self.options
+        backprop = math.isinf(o["steps"]) and o["feedback"] == "transpose" and o["derivative"] and o["update_derivative"]
+
+        def updates() -> dict[str, Tensor | None]:
+            if backprop:
+                return {k: g for k, (_, g) in grads.items()}
+            star = true_state_gradients(self.mlp, trace, self.loss.grad(trace.out, y))
+            return {k: g for k, (_, g) in self.updates(trace, star, True)[0].items()}
+
+        return guard_first_step(self.name, self.mlp, self.loss, x, y, before, trace.out, updates)
 
 
 @torch.no_grad()

@@ -57,8 +57,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.algorithms._verify import guard_first_step, snapshot
+from creditlab.algorithms._verify import tolerance as _verify_tolerance
 from creditlab.algorithms.ar import ActivationRelaxation, check_relaxation_options, relaxation_weights
 from creditlab.errors import ConfigError
 from creditlab.models import MLP
@@ -516,6 +519,7 @@ class GraphActivationRelaxation(Algorithm):
         self.unit_by_name = {u.name: u for u in self.units}
         self._params_of = {u.name: _own_params(self.gm, u) for u in self.units}
         self._plan: tuple[list[str], set[str], str] | None = None
+        self._verified = False
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
         self._fb_of: dict[str, str] = {}  # module target -> feedback key
@@ -552,11 +556,11 @@ class GraphActivationRelaxation(Algorithm):
                                               requires_grad=self.options["feedback"] == "learned")
             self._fb_of[target] = key
 
-    def backward_weight(self, target: str) -> Tensor:
+    def backward_weight(self, target: str, transpose: bool = False) -> Tensor:
         """B (W's shape) used by the VJP of the Linear/Conv2d module ``target`` (e.g. ``fc1``):
-        W itself (``transpose``) or psi transposed in its first two axes."""
+        W itself (``transpose``, or ``transpose=True``) or psi transposed in its first two axes."""
         key = self._fb_of.get(target)
-        if key is None:
+        if key is None or transpose:
             return self.gm.get_submodule(target).weight
         return self.feedback[key].transpose(0, 1)
 
@@ -598,7 +602,10 @@ class GraphActivationRelaxation(Algorithm):
         return _act_derivative(self.gm, u.act, env[u.op.name], env[u.act.name])
 
     @torch.no_grad()
-    def build(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
+    def build(self, env: dict[str, Any], clamp: Tensor,
+              exact: bool = False) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
+        """The batch's relaxation problem; ``exact``: with transpose feedback and every f' (the
+        machinery the guard checks against autograd, whatever the run's variant)."""
         o = self.options
         if self._plan is None:  # which units relax: fixed by the graph and the value types
             relaxed: list[str] = []
@@ -621,28 +628,30 @@ class GraphActivationRelaxation(Algorithm):
             u = self.unit_by_name[name]
             d = self._deriv(u, env)
             derivs[name] = d
-            d_relax = d if d is not None and _uses(o["derivative"], u.kind) else None
-            push[name] = self._make_push(u, env, rset, d_relax)
+            d_relax = d if d is not None and (exact or _uses(o["derivative"], u.kind)) else None
+            push[name] = self._make_push(u, env, rset, d_relax, exact)
         forward = {name: env[name] for name in relaxed}
         return GraphRelaxation(relaxed, push, forward, out, clamp), derivs  # type: ignore[arg-type]
 
-    def _make_push(self, u: Unit, env: dict[str, Any], rset: set[str], d: Tensor | None) -> PushFn:
+    def _make_push(self, u: Unit, env: dict[str, Any], rset: set[str], d: Tensor | None,
+                   exact: bool = False) -> PushFn:
         parents = [a for a in dict.fromkeys(self._inputs(u)) if self.owner[a.name] in rset]
         if not parents:
             return _no_push
         op = u.op
         if u.kind == "act":  # unfused elementwise activation: J^T v = f'(a) v (or v)
-            dd = _act_derivative(self.gm, op, env[op.args[0].name], env[op.name]) if _uses(self.options["derivative"], "act") else None
+            dd = (_act_derivative(self.gm, op, env[op.args[0].name], env[op.name])
+                  if exact or _uses(self.options["derivative"], "act") else None)
             p = self.owner[parents[0].name]
             return lambda s: {p: s if dd is None else s * dd}
         pre = (lambda s: s) if d is None else (lambda s: s * d)
         if u.kind == "linear":
-            B = self.backward_weight(str(u.op.target))
+            B = self.backward_weight(str(u.op.target), exact)
             p = self.owner[parents[0].name]
             return lambda s: {p: pre(s) @ B}
         if u.kind == "conv":
             m: nn.Conv2d = u.module  # type: ignore[assignment]
-            B = self.backward_weight(str(u.op.target))
+            B = self.backward_weight(str(u.op.target), exact)
             xin = env[op.args[0].name]
             p = self.owner[parents[0].name]
 
@@ -764,29 +773,72 @@ class GraphActivationRelaxation(Algorithm):
         return rel, states, derivs
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
+        pending = self.options["verify"] == "first" and not self._verified
+        before = snapshot(self.model, x.device) if pending else None
         with torch.no_grad():
             env = self.forward_values(x)
             out = env[self.out_node.name]
             loss = self.loss(out, y)
             clamp = self.loss.grad(out, y)
             rel, states, derivs = self.relax(env, clamp)
-            self.write_updates(env, rel, states, derivs)
+            grads, fb = self.updates(env, rel, states, derivs, self.options["update_derivative"])
+            for p, g in grads.values():
+                p.grad = g
+            for key, g in fb.items():
+                self.feedback[key].grad = g
+        if pending:
+            try:
+                self._verified = self._verify(x, y, env, clamp, grads, before)  # type: ignore[arg-type]
+            except ConfigError:
+                for p, _ in grads.values():
+                    p.grad = None
+                raise
         return StepResult(loss, out)
 
-    def write_updates(self, env: dict[str, Any], rel: GraphRelaxation, states: dict[str, Tensor],
-                      derivs: dict[str, Tensor | None]) -> None:
-        """theta.grad = (d op/d theta)^T delta at each unit with parameters (assigned, summed
-        over the units sharing a parameter)."""
-        seen: set[int] = set()
-        ud = self.options["update_derivative"]
+    # -- the guard (verify=first) ---------------------------------------------------
+    def _is_backprop(self) -> bool:
+        o = self.options
+        return (math.isinf(o["steps"]) and o["feedback"] == "transpose" and o["derivative"] is True
+                and o["update_derivative"] is True)
+
+    @torch.no_grad()
+    def equilibrium_updates(self, env: dict[str, Any], clamp: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """The updates at the fixed point with transpose feedback and every f' (= backprop's
+        gradients when every operation is handled exactly), by id of the parameter."""
+        rel, derivs = self.build(env, clamp, exact=True)
+        states = relax_graph_exact(rel, None, math.inf, 1.0, "synchronous")
+        return self.updates(env, rel, states, derivs, True, exact=True)[0]
+
+    def _verify(self, x: Tensor, y: Tensor, env: dict[str, Any], clamp: Tensor,
+                grads: dict[int, tuple[Tensor, Tensor]], before) -> bool:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def updates() -> dict[str, Tensor | None]:
+            eq = grads if self._is_backprop() else self.equilibrium_updates(env, clamp)
+            return {names[i]: g for i, (_, g) in eq.items() if i in names}
+
+        def consumer(pname: str) -> str:
+            p = dict(self.model.named_parameters())[pname]
+            users = [u.name for u in self.units if any(q is p for _, q in self._params_of[u.name])]
+            return f" (used by node {users[0]!r})" if users else " (no unit of the traced graph uses it)"
+
+        return guard_first_step(self.name, self.model, self.loss, x, y, before, env[self.out_node.name], updates,
+                                lambda: locate_divergence(self.gm, env, self.model, x), consumer)
+
+    # -- updates ---------------------------------------------------------------------
+    def updates(self, env: dict[str, Any], rel: GraphRelaxation, states: dict[str, Tensor],
+                derivs: dict[str, Tensor | None], ud: Any, exact: bool = False
+                ) -> tuple[dict[int, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """theta.grad = (d op/d theta)^T delta at each unit with parameters (summed over the
+        units sharing a parameter), by id of the parameter; and learned psi's updates."""
+        grads: dict[int, tuple[Tensor, Tensor]] = {}
         fb: dict[str, Tensor] = {}
 
         def put(p: Tensor, g: Tensor) -> None:
-            if id(p) in seen:
-                p.grad = p.grad + g  # type: ignore[operator]
+            if id(p) in grads:
+                grads[id(p)] = (p, grads[id(p)][1] + g)
             else:
-                p.grad = g
-                seen.add(id(p))
+                grads[id(p)] = (p, g)
 
         for name in rel.order:
             u = self.unit_by_name[name]
@@ -795,7 +847,7 @@ class GraphActivationRelaxation(Algorithm):
                 continue
             delta = states[name]
             d = derivs[name]
-            if d is not None and _uses(ud, u.kind):
+            if d is not None and (exact or _uses(ud, u.kind)):
                 delta = delta * d
             xin = env[u.op.args[0].name] if u.op.args and isinstance(u.op.args[0], fx.Node) else None
             if u.kind == "linear":
@@ -804,18 +856,19 @@ class GraphActivationRelaxation(Algorithm):
                 put(m.weight, gw)
                 if m.bias is not None:
                     put(m.bias, delta.reshape(-1, delta.shape[-1]).sum(0))
-                self._feedback_grad(u, gw, fb)
+                if not exact:
+                    self._feedback_grad(u, gw, fb)
             elif u.kind == "conv":
                 m = u.module
                 gw = torch.nn.grad.conv2d_weight(xin, m.weight.shape, delta, m.stride, m.padding, m.dilation, m.groups)
                 put(m.weight, gw)
                 if m.bias is not None:
                     put(m.bias, delta.sum((0, 2, 3)))
-                self._feedback_grad(u, gw, fb)
+                if not exact:
+                    self._feedback_grad(u, gw, fb)
             else:
                 self._generic_param_grads(u, env, delta, put)
-        for key, g in fb.items():
-            self.feedback[key].grad = g
+        return grads, fb
 
     def _feedback_grad(self, u: Unit, gw: Tensor, fb: dict[str, Tensor]) -> None:
         """Learned psi receives the weight update's local product, transposed (as ``ar``)."""
@@ -841,6 +894,57 @@ class GraphActivationRelaxation(Algorithm):
             _, vjp_fn = torch.func.vjp(f, *(p.detach() for p in ps))
             for p, g in zip(ps, vjp_fn(delta)):
                 put(p, g)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records, in order, every floating tensor a torch function or method returns (copies),
+    and the in-place operations run (name ends with ``_`` or is an augmented assignment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[Tensor] = []
+        self.inplace: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or (name.startswith("__i") and name != "__init__"):
+            self.inplace.append(name)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.values.append(t.detach().clone())
+        return out
+
+
+def locate_divergence(gm: fx.GraphModule, env: dict[str, Any], model: nn.Module, x: Tensor) -> str:
+    """``: first at node NAME (...)``: the first node of the traced graph whose value ``model(x)``
+    (run again eagerly, every torch function's result recorded in order) does not compute after
+    the values matched to the nodes before it; and the in-place operations ``model(x)`` runs."""
+    rec = _Recorder()
+    with torch.no_grad(), rec:
+        model(x)
+    tol = _verify_tolerance(x.dtype)
+    pos = -1
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output") or n.name not in env:
+            continue
+        v = env[n.name]
+        if not (isinstance(v, Tensor) and v.is_floating_point()):
+            continue
+        vd = v.detach().double()
+        scale = float(vd.norm())
+        hit = next((i for i in range(pos + 1, len(rec.values)) if rec.values[i].shape == v.shape
+                    and float((rec.values[i].double() - vd).norm()) <= tol * scale), None)
+        if hit is not None:
+            pos = hit
+            continue
+        target = getattr(n.target, "__name__", str(n.target))
+        inplace = ""
+        if rec.inplace:
+            inplace = (f"; model(x) runs in-place operations ({', '.join(sorted(set(rec.inplace)))}), which torch.fx "
+                       "may trace with other semantics (`h += f(h)` is traced out of place)")
+        return f": first at node {n.name!r} ({n.op} {target}), whose value model(x) does not compute{inplace}"
+    return ""
 
 
 def _act_name(gm: fx.GraphModule, act: fx.Node) -> str | None:
