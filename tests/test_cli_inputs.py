@@ -206,6 +206,16 @@ def test_resume_from_the_run_directory_continues_the_stored_run(tmp_path, capsys
     assert config.read(out / "config.yaml")["seed"] == 3
 
 
+def test_compare_resume_needs_only_the_comparison_directory(tmp_path, calls, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    stored = config.resolve({**TINY, "algos": ["fa", "bp"], "seeds": [3, 4]})
+    (out / "config.yaml").write_text(config.dump(stored))
+    code, _, err = run(["compare", "--resume", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert calls[-1][1] == stored and calls[-1][3]["resume"] is True and calls[-1][3]["extend"] is False
+
+
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_overwrite_is_passed_on_and_refused_with_resume(tiny, calls, capsys, command):
     algo = ["--algo", "bp"] if command == "train" else []
