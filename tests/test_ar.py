@@ -233,3 +233,50 @@ def test_bad_ar_options_are_refused_with_the_valid_ones(spec, msg):
 
     with pytest.raises(ConfigError, match=msg):
         build_algorithm(spec, net(2, "relu"), build_loss("mse"))
+
+
+@pytest.mark.parametrize("eta", [2, 2.5, 1e9, 0, -0.1])
+@pytest.mark.parametrize("model", ["mlp", "graph"])
+def test_eta_outside_the_stable_range_is_refused_at_construction(eta, model):
+    from creditlab.errors import ConfigError
+    from creditlab.models import build_named_model
+
+    m = net(2, "relu") if model == "mlp" else build_named_model("resmlp", (6,), 3)
+    with pytest.raises(ConfigError, match=r"0 < eta < 2: the relaxation's iteration has eigenvalues 1 - eta"):
+        build_algorithm(f"ar:eta={eta}", m, build_loss("mse"))
+
+
+@pytest.mark.parametrize("schedule", ["synchronous", "sweep"])
+def test_init_zero_tail_weights_are_exact_in_deep_narrow_nets(schedule):
+    """The lowest layers of a deep net reach only 1 - sum_{k<=m} w_k (about 1e-12 here) of their
+    equilibrium after T steps from zero; the closed form must keep that tiny factor's digits."""
+    torch.manual_seed(0)
+    model = MLP([3] * 41, "tanh", "linear", init="xavier").to(D)
+    x, y = batch(n_in=3, n_out=3)
+    grads = []
+    for mode in ("exact", "simulate"):
+        algo = build_algorithm(f"ar:mode={mode},steps=100,eta=0.1,init=zero,schedule={schedule}", model,
+                               build_loss("mse"))
+        algo.step(x, y)
+        grads.append(current_updates(model))
+    exact, sim = grads
+    assert float(sim["layers.0.weight"].norm()) > 0
+    for k in sim:
+        assert float((exact[k] - sim[k]).norm() / sim[k].norm()) < 1e-10, k
+
+
+@pytest.mark.parametrize("spec", ["ar:steps=inf", "ar:steps=7,feedback=learned", "ar:mode=simulate,steps=5"])
+def test_frozen_parameters_keep_grad_none_in_mlp_ar(spec):
+    model = net(4, "tanh")
+    model.layers[1].weight.requires_grad_(False)
+    model.layers[2].bias.requires_grad_(False)
+    x, y = batch()
+    ref = backprop_grads(model, build_loss("mse"), x, y)
+    model.zero_grad(set_to_none=True)
+    build_algorithm(spec, model, build_loss("mse")).step(x, y)
+    assert model.layers[1].weight.grad is None and model.layers[2].bias.grad is None
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if spec == "ar:steps=inf":
+        for k, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad, ref[k], rtol=1e-12, atol=0), k

@@ -410,3 +410,27 @@ def test_check_command_path_reports_zero_error_for_graph_models_and_user_factori
         res = run_check("ar:steps=inf", model=model, dtype="float64", batch=4, in_shape=shape, classes=3)
         assert res["algo"].startswith("graph_ar") and len(res["layers"]) >= 3
         assert all(r["rel_error"] < 1e-12 for r in res["layers"]), res["layers"]
+
+
+@pytest.mark.parametrize("spec", ["ar:steps=inf", "ar:steps=7,feedback=learned", "ar:init=zero,schedule=sweep"])
+def test_frozen_parameters_keep_grad_none(spec):
+    torch.manual_seed(5)
+    model, loss = SmallCNN().to(DT), build_loss("mse")
+    for p in (model.conv2.weight, model.fc1.bias, model.fc2.weight):
+        p.requires_grad_(False)
+    x, y = _data((2, 6, 6), n=4)
+    ref = _autograd_trainable(model, loss, x, y)
+    model.zero_grad(set_to_none=True)
+    build_algorithm(spec, model, loss).step(x, y)
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv2.weight", "fc1.bias", "fc2.weight"}
+    for k, p in model.named_parameters():
+        assert (p.grad is None) == (k in frozen), k
+        if spec == "ar:steps=inf" and k not in frozen:
+            assert _rel(p.grad, ref[k]) < 1e-12, k
+
+
+def _autograd_trainable(model: nn.Module, loss, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    gs = torch.autograd.grad(loss(model(x), y), [p for _, p in named])
+    return {k: g for (k, _), g in zip(named, gs)}

@@ -37,7 +37,6 @@ with the same optimizer and learning rate and no decay, psi - W^T stays at its i
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.algorithms._relaxation_weights import relaxation_weights, tail_weights
 from creditlab.algorithms._verify import VERIFY_CHOICES, guard_first_step, snapshot
 from creditlab.errors import ConfigError
 from creditlab.models import MLP, require_mlp
@@ -56,40 +56,6 @@ from creditlab.spec import choice
 # ----------------------------------------------------------------------------------------
 # pure functions
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def relaxation_weights(steps: int, eta: float, schedule: str, kmax: int) -> tuple[float, ...]:
-    """w_k, k = 0..kmax, of M^T = sum_k w_k N^k (see the module docstring)."""
-    out = []
-    for k in range(kmax + 1):
-        if schedule == "synchronous":
-            if k > steps:
-                out.append(0.0)
-                continue
-            out.append(_binom_term(math.comb(steps, k), 1.0 - eta, steps - k, eta, k))
-        else:
-            if steps == 0:
-                out.append(1.0 if k == 0 else 0.0)
-                continue
-            out.append(_binom_term(math.comb(steps + k - 1, k), 1.0 - eta, steps, eta, k))
-    return tuple(out)
-
-
-def _binom_term(comb: int, q: float, qexp: int, p: float, pexp: int) -> float:
-    """comb * q**qexp * p**pexp without overflow (q may be 0 or negative, p > 0)."""
-    if qexp and q == 0.0:
-        return 0.0
-    try:
-        val = float(comb) * q**qexp * p**pexp
-    except OverflowError:  # comb beyond float range
-        val = 0.0
-    if val != 0.0 or comb == 0:
-        return val
-    # a huge binomial against a power that underflowed: combine in log space
-    sign = -1.0 if (q < 0 and qexp % 2) else 1.0
-    logv = math.log(comb) + (qexp * math.log(abs(q)) if qexp else 0.0) + (pexp * math.log(p) if pexp else 0.0)
-    return sign * math.exp(logv) if logv > -745 else 0.0
-
-
 @dataclass
 class Relaxation:
     """Per-batch relaxation problem: the chain's backward maps and the clamp.
@@ -142,10 +108,9 @@ def relax_exact(
     w = relaxation_weights(T, eta, schedule, max(L - 2, 0))
     xs: list[Tensor | None] = [None] * (L + 1)
     xs[L] = rel.clamp
-    cum = [0.0] * (L + 1)
-    for m in range(L - 1, 0, -1):
-        cum[m] = cum[m + 1] + w[L - 1 - m]
-    a = [1.0 - cum[m] for m in range(L)]  # a[m] for m = 1..L-1
+    # a[m] = 1 - sum_{k<=L-1-m} w_k for m = 1..L-1, the tail summed directly (no cancellation)
+    tail = tail_weights(T, eta, schedule, max(L - 2, 0))
+    a = [1.0] + [tail[L - 1 - m] for m in range(1, L)]
     if init is None:
         star = rel.fixed_point()
         for m in range(1, L):
@@ -212,8 +177,11 @@ def check_relaxation_options(o: dict[str, Any]) -> None:
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0) and not (
             isinstance(steps, float) and math.isinf(steps)):
         raise ConfigError(f"ar option steps={steps!r} must be a non-negative integer or inf")
-    if not (isinstance(o["eta"], (int, float)) and o["eta"] > 0):
-        raise ConfigError(f"ar option eta={o['eta']!r} must be a positive number")
+    eta = o["eta"]
+    if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 < eta < 2):
+        raise ConfigError(f"ar option eta={eta!r} must be a number with 0 < eta < 2: the relaxation's iteration "
+                          "has eigenvalues 1 - eta, so it diverges for eta >= 2 and does not move for eta <= 0 "
+                          "(the paper uses eta = 0.1; steps=inf gives the fixed point directly)")
     if math.isinf(steps) and o["mode"] == "simulate":
         raise ConfigError("ar: mode=simulate needs finite steps; use mode=exact with steps=inf")
     if o["feedback_lr"] is not None and not o["feedback_lr"] > 0:
@@ -373,8 +341,9 @@ class ActivationRelaxation(Algorithm):
             if update_derivative:
                 delta = delta * acts[l].df(trace.pre[l])  # type: ignore[operator]
             gw = delta.t() @ trace.xs[l]  # type: ignore[union-attr]
-            grads[f"layers.{l}.weight"] = (layer.weight, gw)
-            if layer.bias is not None:
+            if layer.weight.requires_grad:  # a frozen parameter keeps .grad None
+                grads[f"layers.{l}.weight"] = (layer.weight, gw)
+            if layer.bias is not None and layer.bias.requires_grad:
                 grads[f"layers.{l}.bias"] = (layer.bias, delta.sum(0))  # type: ignore[union-attr]
             if self.options["feedback"] == "learned" and l >= 1:
                 fb[l] = gw.t().clone()

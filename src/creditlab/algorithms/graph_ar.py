@@ -30,7 +30,7 @@ Schedules and modes (same options as ``ar``): with N the nilpotent map (N x)_i =
 children j of J_{j,i}^T x^j and b_i = J_{o,i}^T c, one Euler step is x <- M x + eta b with
 M = (1-eta) I + eta N (``synchronous``) or (1-eta)(I - eta N)^{-1} (``sweep``: units updated
 in reverse topological order, each from its children's newest states). Then
-x(T) = x* + sum_k w_k N^k (x(0) - x*), w_k from :func:`creditlab.algorithms.ar.relaxation_weights`
+x(T) = x* + sum_k w_k N^k (x(0) - x*), w_k from :func:`creditlab.algorithms._relaxation_weights.relaxation_weights`
 (binomial / negative-binomial). ``exact`` evaluates this by one reverse topological pass that
 carries for each unit the stack [x*, (N^0 e)_i, (N^1 e)_i, ...] graded by path length
 (e = x(0) - x*): one batched VJP per edge over at most depth+1 stacked vectors, O(depth)
@@ -45,7 +45,6 @@ edges).
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import traceback
@@ -62,7 +61,8 @@ from torch.overrides import TorchFunctionMode
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.algorithms._verify import guard_first_step, snapshot
 from creditlab.algorithms._verify import tolerance as _verify_tolerance
-from creditlab.algorithms.ar import ActivationRelaxation, check_relaxation_options, relaxation_weights
+from creditlab.algorithms._relaxation_weights import tail_weights, weights
+from creditlab.algorithms.ar import ActivationRelaxation, check_relaxation_options
 from creditlab.errors import ConfigError
 from creditlab.models import MLP
 from creditlab.models.activations import Activation, ReLU, Sigmoid, Tanh
@@ -368,7 +368,7 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     T = int(steps)
     if init is not None:
         # stack A_u = [x*_u, E_u[1], E_u[2], ...]; pushed S_u = [x*_u, E_u[0], E_u[1], ...]
-        wall = torch.tensor(_weights(T, float(eta), schedule, len(rel.order) + 1),
+        wall = torch.tensor(weights(T, float(eta), schedule, len(rel.order) + 1),
                             dtype=rel.clamp.dtype, device=rel.clamp.device)
         for u in free:
             a = acc.get(u)
@@ -411,47 +411,6 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
         for name, t in rel.push[u](g).items():
             add(name, [m + 1 for m in lab], t)
     return states
-
-
-@functools.lru_cache(maxsize=64)
-def _weights(steps: int, eta: float, schedule: str, kmax: int) -> tuple[float, ...]:
-    return tuple(relaxation_weights(steps, eta, schedule, kmax))
-
-
-@functools.lru_cache(maxsize=64)
-def tail_weights(steps: int, eta: float, schedule: str, mmax: int) -> tuple[float, ...]:
-    """1 - sum_{k<=m} w_k for m = 0..mmax, without the cancellation of 1 - (sum close to 1):
-    where the partial sum exceeds 1/2 the tail sum_{k>m} w_k is summed directly (the binomial
-    weights end at k = steps; the negative-binomial ones are summed until negligible)."""
-    w = relaxation_weights(steps, eta, schedule, mmax)
-    out: list[float] = []
-    cum = 0.0
-    for m in range(mmax + 1):
-        cum += w[m]
-        if cum <= 0.5:
-            out.append(1.0 - cum)
-            continue
-        if schedule == "synchronous":
-            ws = relaxation_weights(steps, eta, schedule, steps) if steps > m else []
-            out.append(math.fsum(ws[m + 1:]))
-        else:
-            terms: list[float] = []
-            k, n = m + 1, max(steps, 1)
-            while True:
-                t = relaxation_weights(steps, eta, schedule, k)[k] if k < 64 else _negbin(steps, eta, k)
-                terms.append(t)
-                if (k > m + 8 and t <= 1e-30 * max(math.fsum(terms), 1e-300)) or k > m + 100000 + 10 * n:
-                    break
-                k += 1
-            out.append(math.fsum(terms))
-    return tuple(out)
-
-
-def _negbin(steps: int, eta: float, k: int) -> float:
-    if steps == 0:
-        return 0.0
-    return math.exp(math.lgamma(steps + k) - math.lgamma(k + 1) - math.lgamma(steps)
-                    + steps * math.log1p(-eta) + k * math.log(eta)) if eta < 1 else 0.0
 
 
 def relax_graph_simulate(rel: GraphRelaxation, init: dict[str, Tensor] | None, steps: int, eta: float,
@@ -835,6 +794,8 @@ class GraphActivationRelaxation(Algorithm):
         fb: dict[str, Tensor] = {}
 
         def put(p: Tensor, g: Tensor) -> None:
+            if not p.requires_grad:  # a frozen parameter keeps .grad None
+                return
             if id(p) in grads:
                 grads[id(p)] = (p, grads[id(p)][1] + g)
             else:
