@@ -1,0 +1,189 @@
+"""The ``graph_ar`` algorithm: graph AR's options, backward weights, per-batch problem and step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from creditlab.algorithms import Algorithm, StepResult, register_algorithm
+from creditlab.algorithms._ar_options import AR_DEFAULTS, DIVERGENCE_HINT, check_relaxation_options
+from creditlab.algorithms._verify import snapshot
+from creditlab.algorithms.graph_ar.guard import GuardRules
+from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, act_derivative
+from creditlab.algorithms.graph_ar.relaxation import GraphRelaxation, PushFn, relax_graph_exact, relax_graph_simulate
+from creditlab.algorithms.graph_ar.rules import NodeRules, uses_derivative
+from creditlab.algorithms.graph_ar.tracing import recording_module, trace_module
+from creditlab.algorithms.graph_ar.units import Unit, build_units, own_params
+from creditlab.errors import ConfigError
+from creditlab.models.init import init_weight_
+
+
+@register_algorithm
+class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
+    """``graph_ar``: Activation Relaxation on any torch.fx-traceable module (Appendix A);
+    ``ar`` on a model that is not an MLP builds this. Options as ``ar`` (module docstring)."""
+
+    name = "graph_ar"
+    defaults = dict(AR_DEFAULTS)  # the same options as the MLP ``ar``
+    divergence_hint = DIVERGENCE_HINT
+
+    def __init__(self, model: nn.Module, loss, **options: Any):
+        super().__init__(model, loss, **options)
+        o = self.options
+        check_relaxation_options(o)
+        for key in ("derivative", "update_derivative"):
+            if o[key] not in DERIVATIVE_CHOICES or o[key] in (0, 1) and not isinstance(o[key], bool):
+                raise ConfigError(f"ar option {key}={o[key]!r} is not valid; choose one of: true, false, no_conv, no_fc")
+        self.gm = trace_module(model)
+        self._rec, self._rec_names = recording_module(self.gm)
+        self.units, self.owner, self.out_node = build_units(self.gm)
+        self.unit_by_name = {u.name: u for u in self.units}
+        self._params_of = {u.name: own_params(self.gm, u) for u in self.units}
+        self._plan: tuple[list[str], set[str], str] | None = None
+        self._verified = False
+        self._struct_relaxed = self._structurally_relaxed()
+        self.feedback = nn.ParameterDict()
+        self._fb_of: dict[str, str] = {}  # module target -> feedback key
+        if o["feedback"] != "transpose":
+            self._make_feedback()
+
+    def _inputs(self, u: Unit) -> list[fx.Node]:
+        return [a for a in u.op.all_input_nodes if a.op not in ("placeholder", "get_attr")]
+
+    def _structurally_relaxed(self) -> set[str]:
+        rel: set[str] = set()
+        for u in self.units:
+            if own_params(self.gm, u) or any(self.owner[a.name] in rel for a in self._inputs(u)):
+                rel.add(u.name)
+        return rel
+
+    def _make_feedback(self) -> None:
+        kw = self.factory_kwargs()
+        init = self.options["feedback_init"] or getattr(self.model, "init_spec", None) or "xavier"
+        for u in self.units:
+            if u.kind not in ("linear", "conv") or u.name not in self._struct_relaxed:
+                continue
+            src = u.op.args[0]
+            if not (isinstance(src, fx.Node) and self.owner.get(src.name) in self._struct_relaxed):
+                continue  # first layer: its backward weights are never used
+            target = str(u.op.target)
+            if target in self._fb_of:
+                continue
+            w = torch.empty(u.module.weight.shape, **kw)  # type: ignore[union-attr]
+            init_weight_(w, init)
+            key = target.replace(".", "_")
+            self.feedback[key] = nn.Parameter(w.transpose(0, 1).contiguous(),
+                                              requires_grad=self.options["feedback"] == "learned")
+            self._fb_of[target] = key
+
+    def backward_weight(self, target: str, transpose: bool = False) -> Tensor:
+        """B (W's shape) used by the VJP of the Linear/Conv2d module ``target`` (e.g. ``fc1``):
+        W itself (``transpose``, or ``transpose=True``) or psi transposed in its first two axes."""
+        key = self._fb_of.get(target)
+        if key is None or transpose:
+            return self.gm.get_submodule(target).weight
+        return self.feedback[key].transpose(0, 1)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        if self.options["feedback"] != "learned" or not len(self.feedback):
+            return []
+        return [{"params": list(self.feedback.values()), "lr": self.options["feedback_lr"] or lr,
+                 "weight_decay": float(self.options["feedback_decay"]), "name": "ar.feedback"}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"feedback": {k: p.detach().clone() for k, p in self.feedback.items()}} if len(self.feedback) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in state.get("feedback", {}).items():
+                self.feedback[k].copy_(v)
+
+    def diagnostics(self) -> dict[str, float]:
+        if not len(self.feedback):
+            return {}
+        from creditlab.diagnostics.feedback import feedback_alignment
+
+        pairs = []
+        for target, key in self._fb_of.items():
+            w = self.gm.get_submodule(target).weight.detach()
+            pairs.append((target, w, self.feedback[key].detach().transpose(0, 1)))
+        return feedback_alignment(pairs)
+
+    @torch.no_grad()
+    def forward_values(self, x: Tensor) -> dict[str, Any]:
+        return dict(zip(self._rec_names, self._rec(x)))
+
+    def _deriv(self, u: Unit, env: dict[str, Any]) -> Tensor | None:
+        """f'(a) of the unit's fused activation at the forward pre-activation."""
+        if u.act is None:
+            return None
+        return act_derivative(self.gm, u.act, env[u.op.name], env[u.act.name])
+
+    @torch.no_grad()
+    def build(self, env: dict[str, Any], clamp: Tensor,
+              exact: bool = False) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
+        """The batch's relaxation problem; ``exact``: with transpose feedback and every f' (the
+        machinery the guard checks against autograd, whatever the run's variant)."""
+        o = self.options
+        if self._plan is None:  # which units relax: fixed by the graph and the value types
+            relaxed: list[str] = []
+            rset: set[str] = set()
+            for u in self.units:
+                v = env[u.name]
+                if not (isinstance(v, Tensor) and v.is_floating_point()):
+                    continue
+                if self._params_of[u.name] or any(self.owner[a.name] in rset for a in self._inputs(u)):
+                    relaxed.append(u.name)
+                    rset.add(u.name)
+            out = self.owner.get(self.out_node.name)
+            if out not in rset:
+                raise ConfigError("graph AR: the model output does not depend on any trainable parameter")
+            self._plan = (relaxed, rset, out)
+        relaxed, rset, out = self._plan
+        derivs: dict[str, Tensor | None] = {}
+        push: dict[str, PushFn] = {}
+        for name in relaxed:
+            u = self.unit_by_name[name]
+            d = self._deriv(u, env)
+            derivs[name] = d
+            d_relax = d if d is not None and (exact or uses_derivative(o["derivative"], u.kind)) else None
+            push[name] = self._make_push(u, env, rset, d_relax, exact)
+        forward = {name: env[name] for name in relaxed}
+        return GraphRelaxation(relaxed, push, forward, out, clamp), derivs  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def relax(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor], dict]:
+        o = self.options
+        rel, derivs = self.build(env, clamp)
+        init = {u: env[u] for u in rel.free} if o["init"] == "forward" else None
+        if o["mode"] == "exact":
+            states = relax_graph_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"])
+        else:
+            states = relax_graph_simulate(rel, init, o["steps"], float(o["eta"]), o["schedule"])
+        return rel, states, derivs
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        pending = self.options["verify"] == "first" and not self._verified
+        before = snapshot(self.model, x.device) if pending else None
+        with torch.no_grad():
+            env = self.forward_values(x)
+            out = env[self.out_node.name]
+            loss = self.loss(out, y)
+            clamp = self.loss.grad(out, y)
+            rel, states, derivs = self.relax(env, clamp)
+            grads, fb = self.updates(env, rel, states, derivs, self.options["update_derivative"])
+            for p, g in grads.values():
+                p.grad = g
+            for key, g in fb.items():
+                self.feedback[key].grad = g
+        if pending:
+            try:
+                self._verified = self._verify(x, y, env, clamp, grads, before)  # type: ignore[arg-type]
+            except ConfigError:
+                for p, _ in grads.values():
+                    p.grad = None
+                raise
+        return StepResult(loss, out)
