@@ -214,10 +214,6 @@ def test_batchnorm_running_stats_after_one_step_equal_one_forward_pass(name, sha
     assert all(int(b) == 1 for k, b in got.items() if k.endswith("num_batches_tracked"))
 
 
-@pytest.mark.xfail(strict=True, reason="train.shadow_backprop -> diagnostics.backprop_grads runs the model in train "
-                                       "mode on the logged batch, so BatchNorm running statistics are updated twice "
-                                       "on every logged step (fix: save and restore the model's buffers in "
-                                       "backprop_grads); remove this mark once fixed")
 def test_logging_angles_does_not_update_batchnorm_statistics_again(tmp_path):
     from creditlab.train import train
 

@@ -3,6 +3,7 @@ equals ``compare``, and collect names every missing, unfinished or diverged run.
 
 import json
 import shlex
+import subprocess
 
 import pytest
 import yaml
@@ -97,11 +98,16 @@ def test_plan_then_collect_equals_compare_and_names_missing_runs(tmp_path, capsy
     assert main(["collect", str(plan)]) == 4
     err = capsys.readouterr().err
     assert f"missing: fa seed 0 in {plan / 'fa' / 'seed0'}" in err and "bp seed 0" not in err
-    assert f"rerun: sed -n 2p {plan / 'commands.txt'} | bash" in err
+    rerun = f"sed -n '2s/$/ --resume/p' {plan / 'commands.txt'} | bash"  # it has a checkpoint: resume it
+    assert f"rerun: {rerun}" in err
     s = _read(plan / "summary.json")
     assert [(o["algo"], o["seed"], o["status"]) for o in s["incomplete"]] == [("fa", 0, "missing")]
     assert s["algorithms"][1]["seeds"] == [] and s["algorithms"][1]["missing_seeds"] == [0]
     assert "missing (seeds [0])" in (plan / "summary.md").read_text()
+    ran = subprocess.run(["bash", "-c", rerun], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr  # the finished run is recognised, its summary written again
+    assert main(["collect", str(plan)]) == 0
+    capsys.readouterr()
 
     summary = _read(plan / "bp" / "seed0" / "summary.json")
     (plan / "bp" / "seed0" / "summary.json").write_text(json.dumps(dict(summary, finished=False)))

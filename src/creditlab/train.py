@@ -244,7 +244,10 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             if rank0:
                 print(f"creditlab: {out} is a finished run of {cfg['epochs']} epochs; nothing to train (to train "
                       f"it further: --resume --epochs N with N > {cfg['epochs']})", file=sys.stderr, flush=True)
-            return _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world)
+            summary = _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world)
+            if rank0 and not (out / "summary.json").exists():  # e.g. lost with a killed job's last write
+                write_json(out / "summary.json", summary)
+            return summary
         with writing(out):
             return _train(cfg, out, ck, progress, data, dd)
     finally:

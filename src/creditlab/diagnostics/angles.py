@@ -28,12 +28,20 @@ def layer_groups(model: nn.Module) -> "OrderedDict[str, list[str]]":
 
 
 def backprop_grads(model: nn.Module, loss: Loss, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """dL/dtheta by autograd for every trainable parameter, without touching ``.grad``."""
+    """dL/dtheta by autograd for every trainable parameter, without touching ``.grad`` or the
+    model's buffers: a reference pass must not update BatchNorm's running statistics (or any
+    other state a forward pass in training mode changes) a second time."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with torch.enable_grad():
-        out = model(x)
-        value = loss(out, y)
-        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            value = loss(out, y)
+            grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     return {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)}
 
 
