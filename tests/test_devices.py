@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from creditlab.build import resolve_device
+from creditlab.devices import resolve_device
 from creditlab.cli import main
 from creditlab.data import batch_indices, load_dataset
 from creditlab.errors import ConfigError

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from creditlab.algorithms import build_algorithm
-from creditlab.build import DTYPES, resolve_device
+from creditlab.build import DTYPES
+from creditlab.devices import resolve_device
 from creditlab.check import make_model
 from creditlab.losses import build_loss
 from creditlab.models import parse_arch

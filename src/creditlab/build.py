@@ -9,24 +9,13 @@ from torch import nn
 
 from creditlab.algorithms import Algorithm, algorithm_class, build_algorithm
 from creditlab.data import Dataset, load_dataset
+from creditlab.devices import resolve_device
 from creditlab.errors import ConfigError
 from creditlab.losses import Loss, build_loss
 from creditlab.models import MLP, make_named_model, parse_arch
 from creditlab.spec import parse_spec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine; use device: cpu")
-    return dev
 
 
 def build_data(cfg: dict) -> Dataset:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from creditlab.algorithms import build_algorithm
-from creditlab.build import DTYPES, mlp_for, resolve_device
+from creditlab.build import DTYPES, mlp_for
+from creditlab.devices import resolve_device
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from creditlab import config as config_mod
 from creditlab.algorithms import Algorithm
-from creditlab.build import DTYPES, build_all, build_data, resolve_device
+from creditlab.build import DTYPES, build_all, build_data
+from creditlab.devices import resolve_device
 from creditlab.data import Dataset, augment_batch, batch_indices, epoch_generator, iterate
 from creditlab.distributed import Distributed, Shard, in_launch, shard_range, stochastic_modules, use_shard
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
