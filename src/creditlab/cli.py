@@ -157,7 +157,7 @@ def _refuse_both(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from creditlab.build import resolve_device
+    from creditlab.devices import resolve_device
     from creditlab.distributed import in_launch
     from creditlab.train import train
 
@@ -273,7 +273,7 @@ def cmd_check(args) -> int:
 def cmd_relax(args) -> int:
     import torch
 
-    from creditlab.build import resolve_device
+    from creditlab.devices import resolve_device
     from creditlab.diagnostics.relaxation import relaxation_traces
     from creditlab.losses import build_loss
     from creditlab.models import MLP, parse_arch
