@@ -157,7 +157,7 @@ def test_a_declared_space_and_sampler_are_validated_and_used(tmp_path):
         assert set(t["params"]) == {"lr", "momentum"} and 1e-3 <= t["params"]["lr"] <= 1e-2
         assert t["algo"] == "bp"
     for bad, msg in [({"space": {"alpha": ["uniform", 0.1, 0.2]}}, "neither an optimizer key nor an option of algorithm bp"),
-                     ({"space": {"lr": ["loguniform", "1e-5", 1.0e-3]}}, "write 1.0e-5"),
+                     ({"space": {"lr": ["loguniform", "1e-5", 1.0e-3]}}, "loguniform needs two numbers LO < HI"),
                      ({"space": {"lr": ["normal", 0, 1]}}, "write \\[loguniform"),
                      ({"space": {"lr": ["uniform", 2.0, 1.0]}}, "LO < HI"),
                      ({"sampler": "grid"}, "search.sampler='grid'"),

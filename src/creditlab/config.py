@@ -364,7 +364,7 @@ def validate(cfg: dict) -> None:
     _check(cfg["model"]["name"] is not None or cfg["model"]["arch"] is not None, "model",
            "model needs either arch (a layer spec) or name (a built-in model)")
     if cfg["search"] is not None:
-        from creditlab.search import check_search
+        from creditlab.search_space import check_search
 
         try:
             check_search(cfg["search"], cfg["algo"])
