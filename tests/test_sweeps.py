@@ -127,7 +127,9 @@ def test_collect_names_diverged_runs_and_exits_3(tmp_path, capsys):
     (line,) = (plan / "commands.txt").read_text().splitlines()
     assert main(shlex.split(line)[1:]) == 3
     assert main(["collect", str(plan)]) == 3
-    assert "diverged: bp seed 0: divergence at step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "diverged: bp seed 0: divergence at step" in err
+    assert f"sed -n '1s/$/ --overwrite/p' {plan / 'commands.txt'} | bash" in err
     assert _read(plan / "summary.json")["diverged"][0]["algo"] == "bp"
     run_cfg = yaml.safe_load((plan / "bp" / "seed0" / "config.yaml").read_text())
     run_cfg["optimizer"]["lr"] = 0.05  # a rerun that does not diverge clears the marker

@@ -245,7 +245,8 @@ def cmd_collect(args) -> int:
         print(f"creditlab: {o['status']}: {o['algo']} seed {o['seed']} in {o['dir']} ({o['message']}); "
               f"rerun: {rerun_line(commands, o['line'], o.get('rerun', ''))}", file=sys.stderr)
     for d in summary["diverged"]:
-        print(f"creditlab: diverged: {d['algo']} seed {d['seed']}: {d['message']}", file=sys.stderr)
+        print(f"creditlab: diverged: {d['algo']} seed {d['seed']}: {d['message']} To run it again after changing "
+              f"its config.yaml: {rerun_line(commands, d['line'], d['rerun'])}", file=sys.stderr)
     if summary.get("incomplete"):
         print(f"creditlab: {len(summary['incomplete'])} run(s) missing or unfinished; run their rerun lines above "
               f"(lines of {commands}), then collect again", file=sys.stderr)

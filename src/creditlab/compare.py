@@ -162,7 +162,7 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
     runs are listed under ``diverged``; missing or unfinished ones, if any, under ``incomplete``."""
     rows, curves, angle_curves = [], {}, {}
     diverged = [{"algo": o.run.algo, "seed": o.run.seed, "message": o.message, "dir": str(o.run.dir),
-                 "rerun": "--overwrite"} for o in outcomes if o.status == "diverged"]
+                 "line": i + 1, "rerun": "--overwrite"} for i, o in enumerate(outcomes) if o.status == "diverged"]
     incomplete = [{"algo": o.run.algo, "seed": o.run.seed, "status": o.status, "dir": str(o.run.dir),
                    "line": i + 1, "message": o.message,  # line: its line of a plan's commands.txt
                    "rerun": rerun_flag(o.run.dir)}  # what its command line needs to continue it
