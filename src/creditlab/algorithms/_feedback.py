@@ -149,17 +149,29 @@ def check_feedback_init(spec: str) -> str:
     return text if text == "like" else check_init(text)
 
 
+def like_std(like: Tensor, fan_in: int) -> float:
+    """The standard deviation of the forward weight ``like`` (1/sqrt(fan_in) if it is all zeros):
+    the scale the ``like`` feedback init copies."""
+    std = float(like.detach().double().std()) if like.numel() > 1 else float(like.detach().abs().mean())
+    return std if std > 0 else 1.0 / math.sqrt(max(fan_in, 1))
+
+
 @torch.no_grad()
 def init_feedback_(b: Tensor, spec: str, like: Tensor, fan_in: int, fan_out: int) -> Tensor:
     """``like``: uniform with the standard deviation of the forward weight ``like`` (as it is at
     construction: the forward init's scale); otherwise any ``models.init`` spec with the given fans."""
     if spec == "like":
-        std = float(like.detach().double().std()) if like.numel() > 1 else float(like.detach().abs().mean())
-        if not std > 0:
-            std = 1.0 / math.sqrt(max(fan_in, 1))
-        bound = std * math.sqrt(3.0)
+        bound = like_std(like, fan_in) * math.sqrt(3.0)
         return b.uniform_(-bound, bound)
     return init_weight_(b, spec, fan_in=fan_in, fan_out=fan_out)
+
+
+def sending_layers(layers: list[tuple[str, nn.Module]], state: RouteState) -> list[tuple[str, nn.Module]]:
+    """The routed layers that sent an error to their input in the last pass (their input carried a
+    gradient: every layer but the first of an MLP); all of them before any pass. Only these use B."""
+    if not state.grad_inputs:
+        return list(layers)
+    return [(n, m) for n, m in layers if state.grad_inputs.get(n, False)]
 
 
 # ---- routing ---------------------------------------------------------------------------------

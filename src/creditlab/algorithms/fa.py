@@ -44,21 +44,38 @@ class FeedbackAlignment(Algorithm):
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):
         super().__init__(model, loss, **options)
         self.init = check_feedback_init(self.options["init"])
-        self.noise = float(self.options["noise"])
+        self.noise = float(self.options.get("noise", 0.0))
         if self.noise < 0:
-            raise ConfigError(f"fa option noise={self.noise} must be >= 0 (a standard deviation)")
+            raise ConfigError(f"{self.name} option noise={self.noise} must be >= 0 (a standard deviation)")
         self.layers = feedback_layers(model)
-        self.B: dict[str, Tensor] = {}
-        for name, layer in self.layers:
-            fan_in, fan_out = layer_fans(layer)
-            self.B[name] = init_feedback_(torch.empty_like(layer.weight, requires_grad=False), self.init,
-                                          layer.weight, fan_in, fan_out)
+        self.B: dict[str, Tensor] = self._initial_feedback()
         self.state = RouteState(noise=self.noise)
         self.routes = [Route(name, layer, self._input_grad(name, layer)) for name, layer in self.layers]
 
+    # ---- hooks for the feedback-weight families built on FA (signsym, kp, wm) ----------------
+    def _initial_feedback(self) -> dict[str, Tensor]:
+        """B of every routed layer at construction (FA: drawn by ``init``, then fixed)."""
+        out = {}
+        for name, layer in self.layers:
+            fan_in, fan_out = layer_fans(layer)
+            out[name] = init_feedback_(torch.empty_like(layer.weight, requires_grad=False), self.init,
+                                       layer.weight, fan_in, fan_out)
+        return out
+
+    def feedback(self, name: str, layer: nn.Module) -> Tensor:
+        """The B (W's shape) that layer ``name`` sends its error through in this backward pass."""
+        return self.B[name]
+
+    def _before_backward(self) -> None:
+        """Runs inside the routed block after the forward pass, before ``loss.backward()``."""
+
+    def feedback_pairs(self) -> list[tuple[str, Tensor, Tensor]]:
+        """(layer name, W, B) for the alignment diagnostics."""
+        return [(name, layer.weight.detach(), self.B[name]) for name, layer in self.layers]
+
     def _input_grad(self, name: str, layer: nn.Module):
         def grad(g: Tensor, x_shape: torch.Size) -> Tensor:
-            return transpose_apply(layer, g, self.B[name], x_shape)
+            return transpose_apply(layer, g, self.feedback(name, layer), x_shape)
 
         return grad
 
@@ -68,11 +85,12 @@ class FeedbackAlignment(Algorithm):
         with torch.enable_grad(), routed(self.routes, self.state, training=self.model.training):
             out = self.model(x)
             loss = self.loss(out, y)
+            self._before_backward()
             loss.backward()
         return StepResult(loss.detach(), out.detach())
 
     def diagnostics(self) -> dict[str, float]:
-        return feedback_alignment([(name, layer.weight.detach(), self.B[name]) for name, layer in self.layers])
+        return feedback_alignment(self.feedback_pairs())
 
     def state_dict(self) -> dict[str, Any]:
         return {"B": {k: v.clone() for k, v in self.B.items()}}
@@ -80,7 +98,7 @@ class FeedbackAlignment(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state["B"].items():
             if k not in self.B or self.B[k].shape != v.shape:
-                raise ConfigError(f"fa checkpoint has feedback {k!r} of shape {tuple(v.shape)} that this model lacks")
+                raise ConfigError(f"{self.name} checkpoint has feedback {k!r} of shape {tuple(v.shape)} that this model lacks")
             self.B[k] = v.to(self.B[k])
 
     def to(self, device=None, dtype=None) -> "FeedbackAlignment":
