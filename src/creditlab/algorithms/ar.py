@@ -45,7 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
-from creditlab.algorithms._ar_options import AR_DEFAULTS, DIVERGENCE_HINT, check_relaxation_options
+from creditlab.algorithms._ar_options import (
+    AR_DEFAULTS,
+    DIVERGENCE_HINT,
+    check_relaxation_options,
+)
 from creditlab.algorithms._relaxation_weights import relaxation_weights, tail_weights
 from creditlab.algorithms._verify import guard_first_step, snapshot
 from creditlab.errors import ConfigError

@@ -21,10 +21,15 @@ whose fixed point is the multivariate chain rule (Eq. 12): x^i* = dL/dx^i. Edge 
   axes (psi has shape (in, out, kh, kw), the transposed kernel).
 * any other operation: its autograd VJP at the forward values (``torch.func.vjp``). For
   max-pooling this routes the state to the argmax of each window, as the authors' CNN code.
+  Multi-output operations (chunk, LSTM, attention) are evaluated inside the units of the
+  getitems that read them; random operations replay the generator state they had in the
+  forward pass, and modules see their buffers as before it (drawn once, updated once).
+  In-place operations are rewritten out of place before tracing ends (:func:`.tracing.functionalize`).
 
-Weights update with the local product at the relaxed state: for a unit with parameters,
-delta = x^i * f'(a) (``update_derivative``) and theta.grad = (d op / d theta)^T delta, e.g.
-dW = delta^T x_in for a Linear edge; learned psi gets dW transposed (as ``ar``).
+Weights update with the local product at the relaxed state: every parameter's update is the
+VJP with respect to it of the node that consumes it, at delta = x^i * f'(a)
+(``update_derivative``), e.g. dW = delta^T x_in for a Linear edge; learned psi gets dW
+transposed (as ``ar``).
 
 Schedules and modes (same options as ``ar``): with N the nilpotent map (N x)_i = sum over free
 children j of J_{j,i}^T x^j and b_i = J_{o,i}^T c, one Euler step is x <- M x + eta b with
@@ -55,8 +60,16 @@ from creditlab.algorithms._relaxation_weights import tail_weights
 from creditlab.algorithms.graph_ar.algorithm import GraphActivationRelaxation
 from creditlab.algorithms.graph_ar.guard import locate_divergence
 from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES
-from creditlab.algorithms.graph_ar.relaxation import GraphRelaxation, relax_graph_exact, relax_graph_simulate
-from creditlab.algorithms.graph_ar.tracing import mlp_as_graph, recording_module, trace_module
+from creditlab.algorithms.graph_ar.relaxation import (
+    GraphRelaxation,
+    relax_graph_exact,
+    relax_graph_simulate,
+)
+from creditlab.algorithms.graph_ar.tracing import (
+    mlp_as_graph,
+    recording_module,
+    trace_module,
+)
 from creditlab.algorithms.graph_ar.units import Unit, build_units
 
 __all__ = [

@@ -5,18 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
-from creditlab.algorithms._ar_options import AR_DEFAULTS, DIVERGENCE_HINT, check_relaxation_options
+from creditlab.algorithms._ar_options import (
+    AR_DEFAULTS,
+    DIVERGENCE_HINT,
+    check_relaxation_options,
+)
 from creditlab.algorithms._verify import snapshot
 from creditlab.algorithms.graph_ar.guard import GuardRules
 from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, act_derivative
-from creditlab.algorithms.graph_ar.relaxation import GraphRelaxation, PushFn, relax_graph_exact, relax_graph_simulate
+from creditlab.algorithms.graph_ar.relaxation import (
+    GraphRelaxation,
+    PushFn,
+    relax_graph_exact,
+    relax_graph_simulate,
+)
 from creditlab.algorithms.graph_ar.rules import NodeRules, uses_derivative
 from creditlab.algorithms.graph_ar.tracing import recording_module, trace_module
-from creditlab.algorithms.graph_ar.units import Unit, build_units, own_params
+from creditlab.algorithms.graph_ar.units import (
+    Plan,
+    Unit,
+    build_units,
+    make_plan,
+    own_params,
+)
 from creditlab.errors import ConfigError
 from creditlab.models.init import init_weight_
 
@@ -37,18 +51,38 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         for key in ("derivative", "update_derivative"):
             if o[key] not in DERIVATIVE_CHOICES or o[key] in (0, 1) and not isinstance(o[key], bool):
                 raise ConfigError(f"ar option {key}={o[key]!r} is not valid; choose one of: true, false, no_conv, no_fc")
-        self.gm = trace_module(model)
-        self._rec, self._rec_names = recording_module(self.gm)
-        self.units, self.owner, self.out_node = build_units(self.gm)
-        self.unit_by_name = {u.name: u for u in self.units}
-        self._params_of = {u.name: own_params(self.gm, u) for u in self.units}
-        self._plan: tuple[list[str], set[str], str] | None = None
-        self._verified = False
+        self._graphs: dict[tuple[bool, ...], dict[str, Any]] = {}
+        self._key: tuple[bool, ...] | None = None
+        self._buffers_before: dict[str, Tensor] = {}
+        self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
         self._fb_of: dict[str, str] = {}  # module target -> feedback key
         if o["feedback"] != "transpose":
             self._make_feedback()
+
+    # -- the traced graph, one per train/eval configuration --------------------------
+    _GRAPH = ("gm", "_rec", "_rec_names", "units", "owner", "out_node", "unit_by_name", "_plan", "_verified")
+
+    def _use_graph(self) -> None:
+        """Trace the model for its current train/eval modes (torch.fx bakes ``self.training``
+        into functional calls such as ``F.dropout(h, p, self.training)``), or switch back to the
+        graph traced for them; each graph has its own plan and its own first-step guard."""
+        key = tuple(m.training for m in self.model.modules())
+        if key == self._key:
+            return
+        if self._key is not None:
+            self._graphs[self._key] = {a: getattr(self, a) for a in self._GRAPH}
+        if key in self._graphs:
+            self.__dict__.update(self._graphs[key])
+        else:
+            self.gm = trace_module(self.model)
+            self._rec, self._rec_names = recording_module(self.gm)
+            self.units, self.owner, self.out_node = build_units(self.gm)
+            self.unit_by_name = {u.name: u for u in self.units}
+            self._plan: Plan | None = None
+            self._verified = False
+        self._key = key
 
     def _inputs(self, u: Unit) -> list[fx.Node]:
         return [a for a in u.op.all_input_nodes if a.op not in ("placeholder", "get_attr")]
@@ -114,6 +148,10 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
 
     @torch.no_grad()
     def forward_values(self, x: Tensor) -> dict[str, Any]:
+        """Every node's forward value (and max-pool indices, random states) for the batch; the
+        buffers as they were before it are kept for re-evaluating operations."""
+        self._use_graph()
+        self._buffers_before = {n: b.detach().clone() for n, b in self.gm.named_buffers()}
         return dict(zip(self._rec_names, self._rec(x)))
 
     def _deriv(self, u: Unit, env: dict[str, Any]) -> Tensor | None:
@@ -129,20 +167,9 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         machinery the guard checks against autograd, whatever the run's variant)."""
         o = self.options
         if self._plan is None:  # which units relax: fixed by the graph and the value types
-            relaxed: list[str] = []
-            rset: set[str] = set()
-            for u in self.units:
-                v = env[u.name]
-                if not (isinstance(v, Tensor) and v.is_floating_point()):
-                    continue
-                if self._params_of[u.name] or any(self.owner[a.name] in rset for a in self._inputs(u)):
-                    relaxed.append(u.name)
-                    rset.add(u.name)
-            out = self.owner.get(self.out_node.name)
-            if out not in rset:
-                raise ConfigError("graph AR: the model output does not depend on any trainable parameter")
-            self._plan = (relaxed, rset, out)
-        relaxed, rset, out = self._plan
+            self._plan = make_plan(self.gm, self.units, self.owner, self.out_node, env)
+        plan = self._plan
+        relaxed, out = plan.relaxed, plan.out
         derivs: dict[str, Tensor | None] = {}
         push: dict[str, PushFn] = {}
         for name in relaxed:
@@ -150,7 +177,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
             d = self._deriv(u, env)
             derivs[name] = d
             d_relax = d if d is not None and (exact or uses_derivative(o["derivative"], u.kind)) else None
-            push[name] = self._make_push(u, env, rset, d_relax, exact)
+            push[name] = self._make_push(u, env, plan, d_relax, exact)
         forward = {name: env[name] for name in relaxed}
         return GraphRelaxation(relaxed, push, forward, out, clamp), derivs  # type: ignore[arg-type]
 
@@ -166,6 +193,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         return rel, states, derivs
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
+        self._use_graph()
         pending = self.options["verify"] == "first" and not self._verified
         before = snapshot(self.model, x.device) if pending else None
         with torch.no_grad():

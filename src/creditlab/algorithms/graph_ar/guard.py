@@ -8,8 +8,7 @@ import math
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from creditlab.algorithms._verify import guard_first_step, tolerance
@@ -93,7 +92,7 @@ class GuardRules:
 
         def consumer(pname: str) -> str:
             p = dict(self.model.named_parameters())[pname]
-            users = [u.name for u in self.units if any(q is p for _, q in self._params_of[u.name])]
+            users = [u for u, ps in self._plan.params.items() if any(q is p for _, q in ps)]
             return f" (used by node {users[0]!r})" if users else " (no unit of the traced graph uses it)"
 
         return guard_first_step(self.name, self.model, self.loss, x, y, before, env[self.out_node.name], updates,

@@ -1,28 +1,84 @@
-"""The operation tables of graph AR and the derivative of an elementwise activation."""
+"""The operation tables of graph AR, the random state of a node (recorded and replayed), and
+the derivative of an elementwise activation."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from creditlab.models.activations import Activation, ReLU, Sigmoid, Tanh
 
 DERIVATIVE_CHOICES = (True, False, "no_conv", "no_fc")
 
 ACT_MODULES = (Activation, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-                nn.Softplus, nn.Identity, nn.Hardtanh, nn.ReLU6)
+               nn.Softplus, nn.Identity, nn.Hardtanh, nn.ReLU6)
 ACT_FUNCTIONS = {torch.tanh, torch.relu, torch.sigmoid, F.relu, F.tanh, F.sigmoid, F.leaky_relu,
-                  F.elu, F.gelu, F.silu, F.softplus, F.hardtanh, F.relu6}
+                 F.elu, F.gelu, F.silu, F.softplus, F.hardtanh, F.relu6}
 ACT_METHODS = {"tanh", "relu", "sigmoid"}
 RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-UNSUPPORTED_MODULES = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
-UNSUPPORTED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.batch_norm,
-                          F.rrelu, torch.rand_like, torch.randn_like, torch.bernoulli}
-RESHAPE_METHODS = {"view", "reshape", "flatten"}
+RESHAPE_METHODS = {"view", "reshape", "flatten", "clone", "contiguous"}
+
+# Operations known to draw no random numbers: every other node's forward RNG state is recorded
+# and replayed whenever its operation is evaluated again (a dropout mask is forward state).
+DETERMINISTIC_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Unflatten, nn.MaxPool2d,
+                         nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding,
+                         nn.modules.batchnorm._BatchNorm) + ACT_MODULES
+DETERMINISTIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                           operator.getitem, getattr, torch.cat, torch.stack, torch.matmul, torch.add, torch.sub,
+                           torch.mul} | RESHAPE_FUNCTIONS | ACT_FUNCTIONS
+DETERMINISTIC_METHODS = {"size", "dim", "view", "reshape", "flatten", "unsqueeze", "squeeze", "permute",
+                         "transpose", "contiguous", "clone", "expand", "mean", "sum", "chunk", "split",
+                         "softmax", "exp", "max", "matmul"} | ACT_METHODS
+
+# Nodes whose output may share memory with an input (an in-place operation on it cannot be
+# rewritten out of place without alias analysis): refused there.
+VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t",
+                "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "unfold", "as_strided",
+                "detach", "diagonal", "contiguous", "chunk", "split", "unbind", "movedim", "swapaxes", "to",
+                "type_as", "float", "double", "half", "real", "imag", "T", "mT", "data"}
+VIEW_FUNCTIONS = {operator.getitem, getattr, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+                  torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.chunk, torch.split,
+                  torch.unbind, torch.t, torch.movedim, torch.detach, torch.diagonal}
+VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+# ----------------------------------------------------------------------------------------
+# the random state of a node, recorded in the forward pass and replayed
+# ----------------------------------------------------------------------------------------
+def rng_state(x: Tensor) -> tuple[Tensor, Tensor | None, str]:
+    """The generators' states now: the CPU one and that of ``x``'s device (if not the CPU)."""
+    kind = x.device.type
+    mod = getattr(torch, kind, None) if kind != "cpu" else None
+    dev = mod.get_rng_state() if mod is not None and hasattr(mod, "get_rng_state") else None
+    return torch.get_rng_state(), dev, kind
+
+
+@contextmanager
+def replaying(state: tuple[Tensor, Tensor | None, str] | None) -> Iterator[None]:
+    """Run with the generators set to ``state`` (so an operation draws what it drew in the
+    forward pass), then put them back as they were."""
+    if state is None:
+        yield
+        return
+    cpu, dev, kind = state
+    saved_cpu = torch.get_rng_state()
+    mod = getattr(torch, kind, None) if dev is not None else None
+    saved_dev = mod.get_rng_state() if mod is not None else None
+    torch.set_rng_state(cpu)
+    if mod is not None:
+        mod.set_rng_state(dev)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved_cpu)
+        if mod is not None:
+            mod.set_rng_state(saved_dev)
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:
@@ -62,13 +118,13 @@ def act_derivative(gm: fx.GraphModule, act: fx.Node, a: Tensor, h: Tensor) -> Te
             return m.df(a)
         f: Callable[[Tensor], Tensor] = m
     elif act.op == "call_method":
-        f = lambda t: getattr(t, str(act.target))()  # noqa: E731
+        f = lambda t: getattr(t, str(act.target))()
     else:
         extra_args = act.args[1:]
         kw = dict(act.kwargs)
-        f = lambda t: act.target(t, *extra_args, **kw)  # type: ignore[operator]  # noqa: E731
+        f = lambda t: act.target(t, *extra_args, **kw)  # type: ignore[operator]
     with torch.enable_grad():
         t = a.detach().requires_grad_(True)
-        y = f(t)
+        y = f(t.clone())  # an in-place activation module must not write into the leaf
         (g,) = torch.autograd.grad(y, t, torch.ones_like(y))
     return g.detach()

@@ -6,15 +6,15 @@ reshapes, autograd's ``torch.func.vjp`` for any other operation) and each parame
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from creditlab.algorithms.graph_ar.ops import act_derivative, get_attr
+from creditlab.algorithms.graph_ar.ops import act_derivative, get_attr, replaying
 from creditlab.algorithms.graph_ar.relaxation import GraphRelaxation, PushFn, no_push
-from creditlab.algorithms.graph_ar.units import Unit
+from creditlab.algorithms.graph_ar.units import Plan, Unit
 
 
 def uses_derivative(flag: Any, kind: str) -> bool:
@@ -32,12 +32,14 @@ class NodeRules:
     """The pushes and parameter updates of :class:`GraphActivationRelaxation` (a mixin: it
     reads the algorithm's graph, units, options and backward weights)."""
 
-    def _make_push(self, u: Unit, env: dict[str, Any], rset: set[str], d: Tensor | None,
+    def _make_push(self, u: Unit, env: dict[str, Any], plan: Plan, d: Tensor | None,
                    exact: bool = False) -> PushFn:
-        parents = [a for a in dict.fromkeys(self._inputs(u)) if self.owner[a.name] in rset]
+        parents = plan.parents[u.name]
         if not parents:
             return no_push
         op = u.op
+        if plan.inlined[u.name]:  # reads a multi-output operation: the generic rule through it
+            return self._generic_push(u, env, parents, d)
         if u.kind == "act":  # unfused elementwise activation: J^T v = f'(a) v (or v)
             dd = (act_derivative(self.gm, op, env[op.args[0].name], env[op.name])
                   if exact or uses_derivative(self.options["derivative"], "act") else None)
@@ -112,8 +114,13 @@ class NodeRules:
             shape = tuple(env[parents[0].name].shape)
             p = self.owner[parents[0].name]
             return lambda s: {p: pre(s).reshape(s.shape[0], *shape)}
-        # generic: autograd VJP at the forward values, vmapped over the stack
-        fn = self._op_function(op, env, parents)
+        return self._generic_push(u, env, parents, d)
+
+    def _generic_push(self, u: Unit, env: dict[str, Any], parents: list[fx.Node], d: Tensor | None) -> PushFn:
+        """Autograd's VJP of the unit's operation at the forward values (random draws replayed,
+        buffers as before the forward pass), vmapped over the stack."""
+        pre = (lambda s: s) if d is None else (lambda s: s * d)
+        fn = self._function(u, env, parents)
         vals = tuple(env[a.name] for a in parents)
         _, vjp_fn = torch.func.vjp(fn, *vals)
         names = [self.owner[a.name] for a in parents]
@@ -134,28 +141,53 @@ class NodeRules:
 
         return generic_push
 
-    def _op_function(self, op: fx.Node, env: dict[str, Any], varying: list[fx.Node],
-                     params: dict[str, Tensor] | None = None) -> Callable[..., Tensor]:
-        """The node's operation as a function of the tensors of ``varying`` (others fixed)."""
+    def _function(self, u: Unit, env: dict[str, Any], varying: list[fx.Node],
+                  params: list[tuple[str, nn.Parameter]] = ()) -> Callable[..., Tensor]:
+        """The unit's operation (with the tuple-valued nodes it reads evaluated inside) as a
+        function of the values of ``varying`` and then of ``params`` (by qualified name; other
+        nodes fixed at their forward values). Each node evaluated draws the random numbers it
+        drew in the forward pass, and a module sees copies of its buffers as they were before
+        the forward pass (so running statistics are updated only by the forward pass)."""
         idx = {a.name: i for i, a in enumerate(varying)}
-        gm = self.gm
+        pidx = {name: len(varying) + j for j, (name, _) in enumerate(params)}
+        inlined = self._plan.inlined.get(u.name, set()) if self._plan is not None else set()
+        gm, before = self.gm, self._buffers_before
 
-        def fn(*ts: Tensor) -> Tensor:
+        def fn(*vals: Tensor) -> Tensor:
+            memo: dict[str, Any] = {}
+
             def val(a: fx.Node) -> Any:
                 if a.name in idx:
-                    return ts[idx[a.name]]
-                return get_attr(gm, str(a.target)) if a.op == "get_attr" else env[a.name]
+                    return vals[idx[a.name]]
+                if a.op == "get_attr":
+                    t = str(a.target)
+                    if t in pidx:
+                        return vals[pidx[t]]
+                    return before[t].clone() if t in before else get_attr(gm, t)
+                if a.name in inlined:
+                    if a.name not in memo:
+                        memo[a.name] = call(a)
+                    return memo[a.name]
+                return env[a.name]
 
-            args = fx.node.map_arg(op.args, val)
-            kwargs = fx.node.map_arg(op.kwargs, val)
-            if op.op == "call_module":
-                mod = gm.get_submodule(str(op.target))
-                if params is not None:
-                    return torch.func.functional_call(mod, params, tuple(args), dict(kwargs))
-                return mod(*args, **kwargs)
-            if op.op == "call_method":
-                return getattr(args[0], str(op.target))(*args[1:], **kwargs)
-            return op.target(*args, **kwargs)  # type: ignore[operator]
+            def call(n: fx.Node) -> Any:
+                args = fx.node.map_arg(n.args, val)
+                kwargs = fx.node.map_arg(n.kwargs, val)
+                if n.meta.get("inplace_module"):  # it overwrites its input: give it a copy
+                    args = (args[0].clone(), *args[1:])
+                with replaying(env.get(n.name + "#rng")):
+                    if n.op == "call_module":
+                        t = str(n.target)
+                        mod = gm.get_submodule(t)
+                        state = {k: vals[pidx[f"{t}.{k}"]] for k, _ in mod.named_parameters() if f"{t}.{k}" in pidx}
+                        state.update({k: before[f"{t}.{k}"].clone() for k, _ in mod.named_buffers()
+                                      if f"{t}.{k}" in before})
+                        return torch.func.functional_call(mod, state, tuple(args), dict(kwargs))
+                    if n.op == "call_method":
+                        return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+                    return n.target(*args, **kwargs)  # type: ignore[operator]
+
+            return call(u.op)
 
         return fn
 
@@ -175,34 +207,36 @@ class NodeRules:
             else:
                 grads[id(p)] = (p, g)
 
+        plan = self._plan
         for name in rel.order:
             u = self.unit_by_name[name]
-            params = self._params_of[name]
+            params = plan.params[name]
             if not params:
                 continue
             delta = states[name]
             d = derivs[name]
             if d is not None and (exact or uses_derivative(ud, u.kind)):
                 delta = delta * d
-            xin = env[u.op.args[0].name] if u.op.args and isinstance(u.op.args[0], fx.Node) else None
-            if u.kind == "linear":
+            if u.kind in ("linear", "conv") and not plan.inlined[name]:
                 m: Any = u.module
-                gw = delta.reshape(-1, delta.shape[-1]).t() @ xin.reshape(-1, xin.shape[-1])
+                xin = env[u.op.args[0].name]
+                if u.kind == "linear":
+                    gw = delta.reshape(-1, delta.shape[-1]).t() @ xin.reshape(-1, xin.shape[-1])
+                    gb = delta.reshape(-1, delta.shape[-1]).sum(0) if m.bias is not None else None
+                else:
+                    gw = torch.nn.grad.conv2d_weight(xin, m.weight.shape, delta, m.stride, m.padding, m.dilation,
+                                                     m.groups)
+                    gb = delta.sum((0, 2, 3)) if m.bias is not None else None
                 put(m.weight, gw)
-                if m.bias is not None:
-                    put(m.bias, delta.reshape(-1, delta.shape[-1]).sum(0))
+                if gb is not None:
+                    put(m.bias, gb)
                 if not exact:
                     self._feedback_grad(u, gw, fb)
-            elif u.kind == "conv":
-                m = u.module
-                gw = torch.nn.grad.conv2d_weight(xin, m.weight.shape, delta, m.stride, m.padding, m.dilation, m.groups)
-                put(m.weight, gw)
-                if m.bias is not None:
-                    put(m.bias, delta.sum((0, 2, 3)))
-                if not exact:
-                    self._feedback_grad(u, gw, fb)
-            else:
-                self._generic_param_grads(u, env, delta, put)
+            else:  # the VJP, with respect to each parameter, of the operation that consumes it
+                f = self._function(u, env, [], params)
+                _, vjp_fn = torch.func.vjp(f, *(p.detach() for _, p in params))
+                for (_, p), g in zip(params, vjp_fn(delta)):
+                    put(p, g)
         return grads, fb
 
     def _feedback_grad(self, u: Unit, gw: Tensor, fb: dict[str, Tensor]) -> None:
@@ -212,20 +246,3 @@ class NodeRules:
             return
         g = gw.transpose(0, 1).contiguous()
         fb[key] = fb[key] + g if key in fb else g
-
-    def _generic_param_grads(self, u: Unit, env: dict[str, Any], delta: Tensor, put) -> None:
-        op = u.op
-        if op.op == "call_module" and u.module is not None:
-            named = {k: p for k, p in u.module.named_parameters() if p.requires_grad}
-            keys = list(named)
-            vals = tuple(named[k].detach() for k in keys)
-            f = lambda *ps: self._op_function(op, env, [], dict(zip(keys, ps)))()  # noqa: E731
-            _, vjp_fn = torch.func.vjp(f, *vals)
-            for k, g in zip(keys, vjp_fn(delta)):
-                put(named[k], g)
-        if u.param_inputs:
-            ps = [get_attr(self.gm, str(g.target)) for g in u.param_inputs]
-            f = self._op_function(op, env, u.param_inputs)
-            _, vjp_fn = torch.func.vjp(f, *(p.detach() for p in ps))
-            for p, g in zip(ps, vjp_fn(delta)):
-                put(p, g)

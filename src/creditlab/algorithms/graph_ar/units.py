@@ -1,18 +1,24 @@
 """The units of graph AR: one relaxing state per operation, elementwise activations fused into
-the operation they follow, and each unit's kind (which VJP rule applies) and parameters."""
+the operation they follow, each unit's kind (which VJP rule applies), and the plan of a graph
+(fixed at its first batch, from the value types): which units relax, the states each unit's
+operation reads, the tuple-valued operations evaluated inside it, and its parameters."""
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import Tensor, fx, nn
 
 from creditlab.algorithms.graph_ar.ops import (
-    ACT_FUNCTIONS, ACT_METHODS, ACT_MODULES, RESHAPE_FUNCTIONS, RESHAPE_METHODS, UNSUPPORTED_FUNCTIONS,
-    UNSUPPORTED_MODULES, get_attr,
+    ACT_FUNCTIONS,
+    ACT_METHODS,
+    ACT_MODULES,
+    RESHAPE_FUNCTIONS,
+    RESHAPE_METHODS,
+    get_attr,
 )
 from creditlab.errors import ConfigError
 
@@ -104,12 +110,6 @@ def build_units(gm: fx.GraphModule) -> tuple[list[Unit], dict[str, str], fx.Node
             owner[n.name] = n.name
             continue
         kind, mod = node_kind(gm, n)
-        if isinstance(mod, UNSUPPORTED_MODULES) or (n.op == "call_function" and n.target in UNSUPPORTED_FUNCTIONS):
-            what = type(mod).__name__ if mod is not None else getattr(n.target, "__name__", str(n.target))
-            raise ConfigError(
-                f"graph AR does not support {what} (node {n.name!r}, {n.op} {n.target}): its forward is random or "
-                "updates running statistics, so its Jacobian cannot be re-evaluated at the forward values; remove it "
-                "or train this model with bp")
         u = Unit(op=n, kind=kind, module=mod)
         for a in n.all_input_nodes:
             if a.op == "get_attr" and isinstance(get_attr(gm, str(a.target)), nn.Parameter) \
@@ -127,3 +127,81 @@ def build_units(gm: fx.GraphModule) -> tuple[list[Unit], dict[str, str], fx.Node
     final = {u.op.name: u.name for u in units}
     owner = {k: final.get(v, v) for k, v in owner.items()}
     return units, owner, ret
+
+
+def _carries_float(v: Any) -> bool:
+    """A tuple or list holding (at any depth) a floating tensor: the value of a multi-output
+    operation (chunk, split, max(dim), LSTM, MultiheadAttention), read through getitem."""
+    return isinstance(v, (tuple, list)) and any(
+        (isinstance(t, Tensor) and t.is_floating_point()) or _carries_float(t) for t in v)
+
+
+def _trainable(gm: fx.GraphModule, a: fx.Node) -> nn.Parameter | None:
+    p = get_attr(gm, str(a.target))
+    return p if isinstance(p, nn.Parameter) and p.requires_grad else None
+
+
+@dataclass
+class Plan:
+    """Which units relax (topological order), the output unit, and per unit: its ``parents``
+    (the nodes with relaxed states its operation reads, also through tuple-valued operations),
+    the names of those tuple-valued nodes (``inlined``: evaluated inside the unit's function,
+    so each getitem of a multi-output operation is a unit whose VJP runs through it), and its
+    trainable ``params`` (qualified name, parameter) of the operation and the inlined nodes."""
+
+    relaxed: list[str]
+    rset: set[str]
+    out: str
+    parents: dict[str, list[fx.Node]]
+    inlined: dict[str, set[str]]
+    params: dict[str, list[tuple[str, nn.Parameter]]]
+
+
+def _walk(gm: fx.GraphModule, node: fx.Node, tuples: set[str], inl: set[str], reads: list[fx.Node],
+          ps: dict[int, tuple[str, nn.Parameter]]) -> None:
+    """Collect what ``node`` reads: tuple-valued nodes (inlined, walked through), the other
+    nodes (``reads``) and the trainable parameters of it and the inlined nodes (``ps``)."""
+    if node.op == "call_module":
+        for k, p in gm.get_submodule(str(node.target)).named_parameters():
+            if p.requires_grad:
+                ps.setdefault(id(p), (f"{node.target}.{k}", p))
+    for a in node.all_input_nodes:
+        if a.op == "placeholder":
+            continue
+        if a.op == "get_attr":
+            p = _trainable(gm, a)
+            if p is not None:
+                ps.setdefault(id(p), (str(a.target), p))
+        elif a.name in tuples:
+            if a.name not in inl:
+                inl.add(a.name)
+                _walk(gm, a, tuples, inl, reads, ps)
+        elif a not in reads:
+            reads.append(a)
+
+
+def make_plan(gm: fx.GraphModule, units: list[Unit], owner: dict[str, str], out_node: fx.Node,
+              env: dict[str, Any]) -> Plan:
+    tuples = {u.name for u in units if _carries_float(env.get(u.name))}
+    relaxed: list[str] = []
+    rset: set[str] = set()
+    parents: dict[str, list[fx.Node]] = {}
+    inlined: dict[str, set[str]] = {}
+    params: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for u in units:
+        v = env.get(u.name)
+        if u.name in tuples or not (isinstance(v, Tensor) and v.is_floating_point()):
+            continue
+        inl: set[str] = set()
+        reads: list[fx.Node] = []
+        ps: dict[int, tuple[str, nn.Parameter]] = {}
+        _walk(gm, u.op, tuples, inl, reads, ps)
+        pa = [a for a in reads if owner.get(a.name) in rset]
+        if ps or pa:
+            relaxed.append(u.name)
+            rset.add(u.name)
+            parents[u.name], inlined[u.name], params[u.name] = pa, inl, list(ps.values())
+    out = owner.get(out_node.name, out_node.name)
+    if out not in rset:
+        raise ConfigError("graph AR: the model output does not depend on any trainable parameter")
+    return Plan(relaxed, rset, out, parents, inlined, params)
