@@ -424,3 +424,17 @@ def _autograd_trainable(model: nn.Module, loss, x: Tensor, y: Tensor) -> dict[st
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     gs = torch.autograd.grad(loss(model(x), y), [p for _, p in named])
     return {k: g for (k, _), g in zip(named, gs)}
+
+
+def test_graph_ar_package_does_not_import_ar_and_the_registry_finds_both():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport creditlab.algorithms.graph_ar\n"
+            "assert 'creditlab.algorithms.ar' not in sys.modules, 'graph_ar imports ar'\n"
+            "from creditlab.algorithms import algorithm_class\n"
+            "from creditlab.algorithms.graph_ar import GraphActivationRelaxation\n"
+            "assert algorithm_class('graph_ar') is GraphActivationRelaxation\n"
+            "assert algorithm_class('ar').__module__ == 'creditlab.algorithms.ar'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

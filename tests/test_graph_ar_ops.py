@@ -377,3 +377,44 @@ class InPlaceOnView(nn.Module):
 def test_inplace_operations_that_cannot_be_functionalized_are_refused_by_name(kind, match):
     with pytest.raises(ConfigError, match=rf"in-place operation \w+ \(node '\w+'\) on '\w+'.*{match}"):
         build_algorithm("ar", InPlaceOnView(kind), build_loss("mse"))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, position embedding, a pre-norm ``nn.TransformerEncoderLayer``
+    (GELU, dropout inside attention and after it: fused-kernel and plain dropout in one module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 5, 8))
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation="gelu", batch_first=True,
+                                                norm_first=True)
+        self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x.view(-1, 1, 4, 4)).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+        return self.head(self.norm(self.block(h)[:, 0]))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_encoder_layer_with_dropout_holds_its_masks(mode):
+    torch.manual_seed(0)
+    model = TinyViT().to(DT)
+    getattr(model, mode)()
+    _check(model, 16)
+
+
+def test_an_operation_that_does_not_reproduce_its_forward_value_is_refused_by_name(monkeypatch):
+    """Simulate randomness that cannot be held fixed: the replay of forward draws is disabled."""
+    from contextlib import nullcontext
+
+    from creditlab.algorithms.graph_ar import rules
+
+    monkeypatch.setattr(rules, "replaying", lambda state: nullcontext())
+    torch.manual_seed(0)
+    algo = build_algorithm("ar:steps=7", Random("nn.Dropout").to(DT), build_loss("mse"))
+    with pytest.raises(ConfigError, match=r"node 'drop' \(call_module drop\) evaluated again at its forward inputs "
+                                          r"does not reproduce its forward value"):
+        algo.step(*_data(6))

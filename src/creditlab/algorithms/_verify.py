@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,22 +42,16 @@ def tolerance(dtype: torch.dtype) -> float:
 class ForwardState:
     """The RNG states (CPU and the batch's device) and the model's buffers at one moment."""
 
-    rng: list[tuple[str, Tensor]]
+    rng: list[tuple[str, Any]]
     buffers: list[Tensor]
 
 
-def _device_rng_module(device: torch.device):
-    if device.type == "cpu":
-        return None
-    mod = getattr(torch, device.type, None)
-    return mod if mod is not None and hasattr(mod, "get_rng_state") else None
-
-
 def snapshot(model: nn.Module, device: torch.device) -> ForwardState:
-    rng = [("cpu", torch.get_rng_state())]
-    mod = _device_rng_module(device)
-    if mod is not None:
-        rng.append((device.type, mod.get_rng_state()))
+    rng: list[tuple[str, Any]] = [("cpu", torch.get_rng_state())]
+    mod = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if mod is not None and hasattr(mod, "get_rng_state"):
+        kw = {"device": device} if device.type in ("cuda", "xpu") else {}
+        rng.append((device.type, (mod.get_rng_state(**kw), kw)))
     return ForwardState(rng, [b.detach().clone() for b in model.buffers()])
 
 
@@ -65,7 +60,7 @@ def restore(model: nn.Module, state: ForwardState) -> None:
         if kind == "cpu":
             torch.set_rng_state(s)
         else:
-            getattr(torch, kind).set_rng_state(s)
+            getattr(torch, kind).set_rng_state(s[0], **s[1])
     with torch.no_grad():
         for b, v in zip(model.buffers(), state.buffers):
             b.copy_(v)

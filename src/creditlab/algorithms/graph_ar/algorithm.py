@@ -54,6 +54,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         self._graphs: dict[tuple[bool, ...], dict[str, Any]] = {}
         self._key: tuple[bool, ...] | None = None
         self._buffers_before: dict[str, Tensor] = {}
+        self._checking = False  # the guard's re-evaluation check, on its pending step
         self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
@@ -195,6 +196,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         self._use_graph()
         pending = self.options["verify"] == "first" and not self._verified
+        self._checking = pending
         before = snapshot(self.model, x.device) if pending else None
         with torch.no_grad():
             env = self.forward_values(x)

@@ -51,34 +51,44 @@ VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._Dropo
 # ----------------------------------------------------------------------------------------
 # the random state of a node, recorded in the forward pass and replayed
 # ----------------------------------------------------------------------------------------
-def rng_state(x: Tensor) -> tuple[Tensor, Tensor | None, str]:
+def _device_generator(device: torch.device) -> tuple[Any, dict[str, Any]] | None:
+    """The module holding ``device``'s generator (torch.cuda, torch.xpu, torch.mps, ...) and the
+    keyword naming the device, or None for the CPU."""
+    if device.type == "cpu":
+        return None
+    mod = getattr(torch, device.type, None)
+    if mod is None or not hasattr(mod, "get_rng_state"):
+        return None
+    return mod, ({"device": device} if device.type in ("cuda", "xpu") else {})
+
+
+def rng_state(x: Tensor) -> tuple[Tensor, Tensor | None, torch.device]:
     """The generators' states now: the CPU one and that of ``x``'s device (if not the CPU)."""
-    kind = x.device.type
-    mod = getattr(torch, kind, None) if kind != "cpu" else None
-    dev = mod.get_rng_state() if mod is not None and hasattr(mod, "get_rng_state") else None
-    return torch.get_rng_state(), dev, kind
+    gen = _device_generator(x.device)
+    dev = gen[0].get_rng_state(**gen[1]) if gen is not None else None
+    return torch.get_rng_state(), dev, x.device
 
 
 @contextmanager
-def replaying(state: tuple[Tensor, Tensor | None, str] | None) -> Iterator[None]:
+def replaying(state: tuple[Tensor, Tensor | None, torch.device] | None) -> Iterator[None]:
     """Run with the generators set to ``state`` (so an operation draws what it drew in the
     forward pass), then put them back as they were."""
     if state is None:
         yield
         return
-    cpu, dev, kind = state
+    cpu, dev, device = state
+    gen = _device_generator(device) if dev is not None else None
     saved_cpu = torch.get_rng_state()
-    mod = getattr(torch, kind, None) if dev is not None else None
-    saved_dev = mod.get_rng_state() if mod is not None else None
+    saved_dev = gen[0].get_rng_state(**gen[1]) if gen is not None else None
     torch.set_rng_state(cpu)
-    if mod is not None:
-        mod.set_rng_state(dev)
+    if gen is not None:
+        gen[0].set_rng_state(dev, **gen[1])
     try:
         yield
     finally:
         torch.set_rng_state(saved_cpu)
-        if mod is not None:
-            mod.set_rng_state(saved_dev)
+        if gen is not None:
+            gen[0].set_rng_state(saved_dev, **gen[1])
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:

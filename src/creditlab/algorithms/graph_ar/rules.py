@@ -1,6 +1,6 @@
 """The update rule per node kind: each unit's pushes (the VJP of its operation at the forward
 values, applied to stacked states: closed forms for Linear, Conv2d, max-pool, add, cat and
-reshapes, autograd's ``torch.func.vjp`` for any other operation) and each parameter's update
+reshapes, autograd's VJP for any other operation) and each parameter's update
 (the VJP with respect to it of the operation that consumes it, at the unit's relaxed state)."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from creditlab.algorithms._verify import tolerance
 from creditlab.algorithms.graph_ar.ops import act_derivative, get_attr, replaying
 from creditlab.algorithms.graph_ar.relaxation import GraphRelaxation, PushFn, no_push
 from creditlab.algorithms.graph_ar.units import Plan, Unit
+from creditlab.errors import ConfigError
 
 
 def uses_derivative(flag: Any, kind: str) -> bool:
@@ -118,28 +120,58 @@ class NodeRules:
 
     def _generic_push(self, u: Unit, env: dict[str, Any], parents: list[fx.Node], d: Tensor | None) -> PushFn:
         """Autograd's VJP of the unit's operation at the forward values (random draws replayed,
-        buffers as before the forward pass), vmapped over the stack."""
+        buffers as before the forward pass), batched over the stack."""
         pre = (lambda s: s) if d is None else (lambda s: s * d)
-        fn = self._function(u, env, parents)
-        vals = tuple(env[a.name] for a in parents)
-        _, vjp_fn = torch.func.vjp(fn, *vals)
+        vjp = self._vjp(u, env, self._function(u, env, parents), tuple(env[a.name] for a in parents))
         names = [self.owner[a.name] for a in parents]
 
         def generic_push(s: Tensor) -> dict[str, Tensor]:
-            s = pre(s)
-            if s.shape[0] == 1:
-                gs = tuple(g.unsqueeze(0) for g in vjp_fn(s[0]))
-            else:
-                gs = torch.func.vmap(vjp_fn)(s)
             out: dict[str, Tensor] = {}
-            for nm, g in zip(names, gs):
-                if nm in out:
-                    out[nm] = out[nm] + g
-                else:
-                    out[nm] = g
+            for nm, g in zip(names, vjp(pre(s), True)):
+                out[nm] = out[nm] + g if nm in out else g
             return out
 
         return generic_push
+
+    def _vjp(self, u: Unit, env: dict[str, Any], fn: Callable[..., Tensor], primals: tuple[Tensor, ...]
+             ) -> Callable[[Tensor, bool], tuple[Tensor, ...]]:
+        """fn's VJP at ``primals`` by eager autograd: the operation runs once, the way the
+        forward pass ran it (torch.func's transforms may pick other kernels, which draw random
+        numbers in another order). The returned function maps cotangents (stacked along a
+        leading axis when ``batched``) to one gradient per primal. While the first-step guard is
+        pending, the operation's value is checked against its forward value: an operation whose
+        randomness or state cannot be held fixed is refused by name."""
+        with torch.enable_grad():
+            xs = tuple(p.detach().requires_grad_(True) for p in primals)
+            out = fn(*xs)
+        if self._checking:
+            fwd = env[u.op.name]
+            tol = tolerance(fwd.dtype)
+            if out.shape != fwd.shape or float((out.detach() - fwd).norm()) > tol * float(fwd.norm()):
+                raise ConfigError(
+                    f"graph AR: node {u.op.name!r} ({u.op.op} {getattr(u.op.target, '__name__', u.op.target)}) "
+                    "evaluated again at its forward inputs does not reproduce its forward value: its random draws "
+                    "or its state cannot be held fixed (e.g. a module mixing fused-kernel and plain dropout); "
+                    "use eval mode or dropout=0 for it, or train this model with bp")
+
+        def vjp(v: Tensor, batched: bool) -> tuple[Tensor, ...]:
+            if not out.requires_grad:
+                return tuple(torch.zeros((v.shape[0], *x.shape) if batched else x.shape, dtype=x.dtype,
+                                         device=x.device) for x in xs)
+            if batched and v.shape[0] == 1:
+                return tuple(g.unsqueeze(0) for g in vjp(v[0], False))
+            if batched:
+                try:
+                    gs = torch.autograd.grad(out, xs, v, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                except RuntimeError:  # an operation without a batching rule for its backward
+                    per = [vjp(vk, False) for vk in v]
+                    return tuple(torch.stack(g) for g in zip(*per))
+                return tuple(torch.zeros((v.shape[0], *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+                             for x, g in zip(xs, gs))
+            gs = torch.autograd.grad(out, xs, v, retain_graph=True, allow_unused=True)
+            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs))
+
+        return vjp
 
     def _function(self, u: Unit, env: dict[str, Any], varying: list[fx.Node],
                   params: list[tuple[str, nn.Parameter]] = ()) -> Callable[..., Tensor]:
@@ -233,9 +265,8 @@ class NodeRules:
                 if not exact:
                     self._feedback_grad(u, gw, fb)
             else:  # the VJP, with respect to each parameter, of the operation that consumes it
-                f = self._function(u, env, [], params)
-                _, vjp_fn = torch.func.vjp(f, *(p.detach() for _, p in params))
-                for (_, p), g in zip(params, vjp_fn(delta)):
+                vjp = self._vjp(u, env, self._function(u, env, [], params), tuple(p for _, p in params))
+                for (_, p), g in zip(params, vjp(delta, False)):
                     put(p, g)
         return grads, fb
 
