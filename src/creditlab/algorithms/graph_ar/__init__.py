@@ -19,7 +19,7 @@ whose fixed point is the multivariate chain rule (Eq. 12): x^i* = dL/dx^i. Edge 
   psi^T (``random``) or a learned psi^T (``learned``, Eq. 6); psi has W's transposed shape.
 * ``nn.Conv2d``: J^T v = conv_transpose(v * f'(a), B), B = W or psi transposed in its first two
   axes (psi has shape (in, out, kh, kw), the transposed kernel).
-* any other operation: its autograd VJP at the forward values (``torch.func.vjp``). For
+* any other operation: its autograd VJP at the forward values (eager ``torch.autograd.grad``). For
   max-pooling this routes the state to the argmax of each window, as the authors' CNN code.
   Multi-output operations (chunk, LSTM, attention) are evaluated inside the units of the
   getitems that read them; random operations replay the generator state they had in the
