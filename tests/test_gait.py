@@ -273,3 +273,89 @@ def test_model_from_arch_builds_the_invertible_net_for_check():
                     dtype="float64", batch=16)
     angles = [r["angle_deg"] for r in res["layers"]]
     assert len(angles) == 3 and max(angles) < 1e-2 and angles[-1] < 1e-6
+
+
+def _orthogonal_64(act: str) -> InvertibleNet:
+    """The issue's net: 64 wide, exactly orthogonal square layers (float64), small biases."""
+    torch.manual_seed(21)
+    return _orthogonalize(invertible_from_arch("64-64-64-64-10", act).to(D64))
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "leaky_relu(0.1)"])
+def test_float32_difference_form_targets_do_not_cancel_for_every_invertible_activation(act):
+    """gamma = 1e-7 (normalized): the float32 update of every layer lies within 0.5 degrees of
+    the float64 one (the full inverse's f^-1(h + dh) - a cancels to 24-90 degrees here)."""
+    net = _orthogonal_64(act)
+    torch.manual_seed(22)
+    x, y = torch.randn(32, 64, dtype=D64), torch.randint(0, 10, (32,))
+    loss = build_loss("cross_entropy")
+    ref = build_algorithm("gait:ortho=0", net, loss)
+    ref.step(x, y)
+    ref_updates = {k: v.clone() for k, v in ref.task_updates.items()}
+    net32 = net.float()
+    algo = build_algorithm("gait:ortho=0", net32, loss)
+    algo.step(x.float(), y)
+    rows = layer_angles(net32, algo.task_updates, {k: v.float() for k, v in ref_updates.items()})
+    assert max(r["angle_deg"] for r in rows) < 0.5, [(r["name"], r["angle_deg"]) for r in rows]
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "leaky_relu(0.3)", "linear"])
+def test_activation_difference_form_equals_the_float64_direct_difference(act):
+    from creditlab.models.activations import make_activation
+
+    f = make_activation(act)
+    torch.manual_seed(23)
+    a = torch.randn(2000, dtype=D64)
+    dh = torch.randn(2000, dtype=D64) * 1e-3 * f.df(a)
+    direct = f.inverse(f(a) + dh) - a  # float64, |a| moderate: cancellation costs ~1e-13 here
+    torch.testing.assert_close(f.inverse_diff(a, dh), direct, rtol=1e-9, atol=1e-15)
+    # float32, saturated units included: the difference form keeps float32 precision
+    a32 = (torch.randn(2000, dtype=D64) * 3).float()
+    dh32 = (torch.randn(2000, dtype=D64) * 1e-6 * f.df(a32.double())).float()
+    exact = f.inverse_diff(a32.double(), dh32.double())
+    torch.testing.assert_close(f.inverse_diff(a32, dh32).double(), exact, rtol=2e-5, atol=1e-30)
+    if act != "linear":  # while the direct difference in float32 does not
+        direct32 = (f.inverse(f(a32) + dh32) - a32).double()
+        assert (direct32 - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
+def test_invertible_activation_without_a_difference_form_is_refused_by_name_in_float32():
+    from creditlab.models.activations import Activation
+
+    class Cube(Activation):
+        name = "cube"
+        invertible = True
+
+        def forward(self, a):
+            return a ** 3 + a
+
+        def df(self, a):
+            return 3 * a ** 2 + 1
+
+    net = invertible_from_arch("8-8-8-4", "tanh")
+    net.layers[1].act = Cube()
+    with pytest.raises(ConfigError, match="'cube'"):
+        build_algorithm("gait", net, build_loss("cross_entropy"))
+    build_algorithm("gait", net.to(D64), build_loss("cross_entropy"))  # float64: the full inverse
+
+
+@pytest.mark.parametrize("model", [{"arch": "64-64-64-10", "act": "tanh"}, {"name": "gait-conv", "options": {"convs": [[3, 2, 4], [3, 1, 6]]}}])
+def test_float64_models_are_initialised_orthogonal_in_float64(model):
+    """build_model draws the initialisation in the run's dtype: W W^T = I to 1e-12 in float64
+    (drawn in float32 and cast, it was 1e-7 off per entry)."""
+    from creditlab.build import build_model
+    from creditlab.config import resolve
+
+    cfg = resolve({"dataset": "fake:n=8,shape=1x8x8,test=4", "algo": "gait", "dtype": "float64", "model": model,
+                   "epochs": 1, "batch_size": 4, "log_every": 0, "threads": 1})
+    torch.manual_seed(0)
+    shape = (64,) if "arch" in model else (3, 8, 8)
+    net = build_model(cfg, shape, 10)
+    assert torch.get_default_dtype() == torch.float32  # restored
+    square = [layer for layer in net.layers if layer.invertible]
+    assert square
+    for layer in square:
+        w = layer.square_matrix(layer.weight.detach())
+        assert w.dtype == D64
+        err = (w @ w.T - torch.eye(w.shape[0], dtype=D64)).abs().max()
+        assert err < 1e-12, float(err)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,6 +17,20 @@ from creditlab.models import MLP, make_named_model, parse_arch
 from creditlab.spec import parse_spec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """PyTorch's default floating dtype set to ``dtype`` inside the block (restored after, on
+    error too), so a model is created and initialised in its run's dtype: an orthogonal (or any)
+    initialisation drawn in float32 and cast to float64 is only float32-exact (W W^T - I ~ 1e-7
+    per entry instead of 1e-16)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build_data(cfg: dict) -> Dataset:
@@ -45,7 +60,16 @@ def mlp_for(algos: str | list[str] | None, sizes: list[int], act, out_act: str, 
 
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Module:
     """The config's model on its dtype and device; the layer spec, or a user factory's model
-    (checked by :func:`creditlab.models.make_named_model`), must fit the data."""
+    (checked by :func:`creditlab.models.make_named_model`), must fit the data. The model is
+    constructed under :func:`default_dtype` (the run's dtype), so its initialisation is drawn in
+    that dtype, not drawn in float32 and cast."""
+    dtype = DTYPES[cfg["dtype"]]
+    with default_dtype(dtype):  # parameters created and initialised in the run's dtype
+        model = _construct_model(cfg, data_shape, num_out)
+    return model.to(device=resolve_device(cfg["device"]), dtype=dtype)
+
+
+def _construct_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Module:
     m = cfg["model"]
     what = "input features (task: autoencode)" if cfg["task"] == "autoencode" else "classes"
     if m["name"]:
@@ -61,7 +85,7 @@ def build_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn.Modu
         if sizes[-1] != num_out:
             raise ConfigError(f"model.arch {m['arch']!r} ends with {sizes[-1]} outputs but the data has {num_out} {what}")
         model = mlp_for([cfg["algo"], *cfg["algos"]], sizes, m["act"], m["out_act"], m["bias"], m["init"])
-    return model.to(device=resolve_device(cfg["device"]), dtype=DTYPES[cfg["dtype"]])
+    return model
 
 
 def build_optimizer(cfg: dict, model: nn.Module, algo: Algorithm) -> torch.optim.Optimizer:

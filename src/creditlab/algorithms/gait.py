@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.distributed import constant_share
 from creditlab.errors import ConfigError
-from creditlab.models.activations import LeakyReLU, Linear
 from creditlab.models.invertible import InvertibleNet, InvTrace, invertible_from_arch, require_invertible
 from creditlab.spec import choice
 
@@ -92,16 +91,11 @@ def output_target(out_full: Tensor, grad_logits: Tensor) -> Tensor:
     return t
 
 
-def _act_inverse_diff(act, h: Tensor, a: Tensor, dh: Tensor, fp: Tensor) -> Tensor:
-    """f^{-1}(h + dh) - a without cancellation where no leaky-ReLU kink is crossed
-    (there it is dh / f'(a) exactly, fp = f'(a)); elsewhere the direct difference."""
-    if isinstance(act, Linear):
-        return dh
-    direct = act.inverse(h + dh) - a
-    if isinstance(act, LeakyReLU):
-        same = (h + dh > 0) == (h > 0)
-        return torch.where(same, dh / fp, direct)
-    return direct
+def _act_inverse_diff(act, a: Tensor, dh: Tensor) -> Tensor:
+    """f^{-1}(f(a) + dh) - a in the activation's non-cancelling difference form
+    (:meth:`creditlab.models.activations.Activation.inverse_diff`; refused by name for an
+    activation that has none)."""
+    return act.inverse_diff(a, dh)
 
 
 def gait_targets(
@@ -124,7 +118,10 @@ def gait_targets(
     d_{l-1} = t_{l-1} - h_{l-1}; in float32 this difference of two O(1) numbers loses the
     O(gamma) signal. ``delta=true``: the same quantity in difference form,
     d_{l-1} = G_l'(f^{-1}(h_l + eps_l d_l) - a_l) with G_l' the linear part of the inverse
-    (W^{-1}, or the transposed convolution with M^{-T}: the overlap correction cancels exactly).
+    (W^{-1}, or the transposed convolution with M^{-T}: the overlap correction cancels exactly)
+    and f^{-1}(h + dh) - a in the activation's own difference form (``act.inverse_diff``:
+    exact for linear and leaky ReLU, atanh / log1p identities for tanh / sigmoid), so no step
+    subtracts two O(1) numbers.
     """
     L = len(net.layers)
     if factors is None:
@@ -145,7 +142,7 @@ def gait_targets(
         step = _bcast(g, h) * (fp * fp) * d
         x_in = tr.inputs[l]
         if delta:
-            dpre = _act_inverse_diff(layer.act, h, tr.pre[l], step, fp)
+            dpre = _act_inverse_diff(layer.act, tr.pre[l], step)
             dx = layer.inverse_linear(dpre, factors[l], x_in).reshape(x_in.shape)
         else:
             dx = net.invert_layer(l, h + step, x_in, factors[l]) - x_in
@@ -221,6 +218,16 @@ class Gait(Algorithm):
         self.ortho = float(ortho)
         self.scale_local: bool = o["scale_local"]
         self.targets = choice("gait", "targets", o["targets"], ("auto", "inverse", "delta"))
+        p0 = next(iter(self.net.parameters()), None)
+        if p0 is not None and self.uses_delta(p0.dtype):
+            for l, layer in enumerate(self.net.layers[1:], start=1):
+                if not layer.act.has_inverse_diff:
+                    raise ConfigError(
+                        f"gait: layer {l}'s activation {layer.act.name!r} has no non-cancelling difference form "
+                        f"f^-1(h + dh) - a (Activation.inverse_diff), which the difference-form targets need in "
+                        f"{str(p0.dtype).replace('torch.', '')}; the full inverse there loses the O(gamma) target "
+                        "signal; use leaky_relu, tanh, sigmoid or linear, or dtype: float64"
+                    )
         self.task_updates: dict[str, Tensor] = {}
         self._last: dict[str, float] = {}
 

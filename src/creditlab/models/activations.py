@@ -4,6 +4,20 @@ local learning rules need.
 Every activation is an ``nn.Module`` usable in ordinary PyTorch code; ``df(a)`` is the
 derivative evaluated at the pre-activation ``a`` and ``inverse(y)`` maps an output back to
 the pre-activation (GAIT-prop and target propagation need it).
+
+Every invertible activation also has ``inverse_diff(a, dh)`` = f^{-1}(f(a) + dh) - a in a form
+that does not cancel: the direct difference of two O(1) numbers loses an O(dh) signal in
+float32 (GAIT-prop's targets are nudges of size gamma ~ 1e-7). The forms used:
+
+* linear: dh; leaky ReLU (piecewise linear): dh / f'(a) exactly while the kink is not
+  crossed; a crossing step is O(|a|), so the direct form is exact to rounding there;
+* tanh: atanh(h + dh) - atanh(h) = atanh(dh / (1 - h (h + dh))), with 1 - h^2 = sech^2(a)
+  from a (no 1 - h^2 cancellation for saturated units);
+* sigmoid: logit(h + dh) - logit(h) = log1p(dh / h) - log1p(-dh / (1 - h)), with
+  h = sigmoid(a) and 1 - h = sigmoid(-a) from a.
+
+A custom invertible activation without ``inverse_diff`` is refused by name where the
+difference form is needed (:meth:`Activation.inverse_diff`).
 """
 
 from __future__ import annotations
@@ -30,6 +44,18 @@ class Activation(nn.Module):
     def inverse(self, y: Tensor) -> Tensor:
         raise ConfigError(f"activation {self.name!r} has no inverse; use leaky_relu, tanh, sigmoid or linear")
 
+    def inverse_diff(self, a: Tensor, dh: Tensor) -> Tensor:
+        """f^{-1}(f(a) + dh) - a without cancellation (see the module docstring)."""
+        raise ConfigError(
+            f"activation {self.name!r} has no non-cancelling difference form f^-1(f(a) + dh) - a, so its "
+            "small-step targets lose their signal in float32; use leaky_relu, tanh, sigmoid or linear, "
+            "or run in float64"
+        )
+
+    @property
+    def has_inverse_diff(self) -> bool:
+        return type(self).inverse_diff is not Activation.inverse_diff
+
     def extra_repr(self) -> str:
         return ""
 
@@ -46,6 +72,9 @@ class Linear(Activation):
 
     def inverse(self, y: Tensor) -> Tensor:
         return y
+
+    def inverse_diff(self, a: Tensor, dh: Tensor) -> Tensor:
+        return dh
 
 
 class ReLU(Activation):
@@ -78,6 +107,13 @@ class LeakyReLU(Activation):
     def inverse(self, y: Tensor) -> Tensor:
         return torch.where(y > 0, y, y / self.slope)
 
+    def inverse_diff(self, a: Tensor, dh: Tensor) -> Tensor:
+        """dh / f'(a) where h + dh stays on a's side of the kink; across it the direct form,
+        whose terms are then O(|dh|) themselves (h = a or slope * a exactly)."""
+        h = self.forward(a)
+        same = (h + dh > 0) == (a > 0)
+        return torch.where(same, dh / self.df(a), self.inverse(h + dh) - a)
+
     def extra_repr(self) -> str:
         return f"slope={self.slope:g}"
 
@@ -95,6 +131,13 @@ class Tanh(Activation):
     def inverse(self, y: Tensor) -> Tensor:
         return torch.atanh(y)
 
+    def inverse_diff(self, a: Tensor, dh: Tensor) -> Tensor:
+        """atanh(dh / (1 - h (h + dh))) = atanh(dh / (sech^2(a) - h dh)), h = tanh(a)."""
+        h = torch.tanh(a)
+        e = torch.exp(-2.0 * a.abs())
+        sech2 = 4.0 * e / (1.0 + e) ** 2
+        return torch.atanh(dh / (sech2 - h * dh))
+
 
 class Sigmoid(Activation):
     name = "sigmoid"
@@ -109,6 +152,10 @@ class Sigmoid(Activation):
 
     def inverse(self, y: Tensor) -> Tensor:
         return torch.logit(y)
+
+    def inverse_diff(self, a: Tensor, dh: Tensor) -> Tensor:
+        """log1p(dh / h) - log1p(-dh / (1 - h)), h = sigmoid(a), 1 - h = sigmoid(-a)."""
+        return torch.log1p(dh / torch.sigmoid(a)) - torch.log1p(-dh / torch.sigmoid(-a))
 
 
 class Softmax(Linear):
