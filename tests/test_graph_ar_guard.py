@@ -113,17 +113,16 @@ def test_guard_runs_once(monkeypatch, model_spec):
 
 
 class Stateful(nn.Module):
-    """A buffer updated by the forward pass (a counter) and dropout-like randomness that the
-    relaxation never re-draws (a fixed noise added to the input, drawn in the forward)."""
+    """Running statistics updated by the forward pass (BatchNorm), and randomness the relaxation
+    holds fixed (dropout)."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
-        self.register_buffer("count", torch.zeros(()))
+        self.norm, self.drop = nn.BatchNorm1d(5), nn.Dropout(0.3)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.count.add_(1.0)
-        return self.fc2(torch.tanh(self.fc1(x + 0.0 * torch.randn(6, dtype=x.dtype))))
+        return self.fc2(self.drop(torch.tanh(self.norm(self.fc1(x)))))
 
 
 @pytest.mark.parametrize("spec", ["ar:steps=inf", "ar:steps=5,feedback=random"])
@@ -135,11 +134,32 @@ def test_guard_consumes_no_randomness_and_updates_buffers_once(spec):
         model = Stateful().to(DT)
         algo = build_algorithm(f"{spec},verify={verify}", model, build_loss("mse"))
         algo.step(x, y)
-        states.append((torch.get_rng_state(), float(model.count), [p.grad.clone() for p in model.parameters()]))
-    (rng_a, count_a, grads_a), (rng_b, count_b, grads_b) = states
+        states.append((torch.get_rng_state(), [b.clone() for b in model.buffers()],
+                       [p.grad.clone() for p in model.parameters()]))
+    (rng_a, bufs_a, grads_a), (rng_b, bufs_b, grads_b) = states
     assert torch.equal(rng_a, rng_b)
-    assert count_a == count_b == 1.0
+    assert int(bufs_a[-1]) == 1 and all(torch.equal(a, b) for a, b in zip(bufs_a, bufs_b))  # one batch tracked
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+class UntracedBufferUpdate(nn.Module):
+    """``self.count.add_(1)`` runs on the real buffer while tracing and is not in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.count.add_(1.0)
+        return self.fc(x)
+
+
+def test_a_buffer_update_torch_fx_does_not_record_is_refused_naming_the_buffer():
+    model = UntracedBufferUpdate().to(DT)
+    with pytest.raises(ConfigError, match=r"modifies 'count' with an operation torch.fx does not record"):
+        build_algorithm("ar", model, build_loss("mse"))
+    assert float(model.count) == 0.0  # tracing left the buffer as it was
 
 
 @pytest.mark.parametrize("name,shape", [("resmlp", (6,)), ("fanout3", (6,)), ("conv-pool", (2, 6, 6)),

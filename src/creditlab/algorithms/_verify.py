@@ -116,6 +116,13 @@ def guard_first_step(algo: str, model: nn.Module, loss, x: Tensor, y: Tensor, be
         if not _finite([eager_out, value.detach()]):
             return False
         tol = tolerance(traced_out.dtype)
+        for (name, b), v in zip(model.named_buffers(), after.buffers):
+            if b.is_floating_point() and relative_difference(b, v, 1e-3) > tol or not b.is_floating_point() \
+                    and not torch.equal(b, v):
+                raise ConfigError(
+                    f"{algo} verify=first: buffer {name!r} after model(x) differs from after the forward pass the "
+                    "relaxation runs: an update of it is not recorded in the traced graph; keep state in torch.nn "
+                    "modules (BatchNorm) or outside forward; verify=off skips this check")
         if tuple(eager_out.shape) != tuple(traced_out.shape) or relative_difference(traced_out, eager_out) > tol:
             err = (relative_difference(traced_out, eager_out) if eager_out.shape == traced_out.shape else math.inf)
             where = ""

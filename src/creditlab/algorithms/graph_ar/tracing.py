@@ -89,15 +89,34 @@ def trace_module(model: nn.Module) -> fx.GraphModule:
     refused with a :class:`ConfigError` naming the offending source line."""
     root = mlp_as_graph(model) if isinstance(model, MLP) else model
     tracer = _Tracer()
+    state = {k: t.detach().clone() for k, t in root.state_dict(keep_vars=True).items() if isinstance(t, Tensor)}
     try:
         graph = tracer.trace(root)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes a user-facing error
         raise ConfigError(_untraceable_message(root, err)) from None
+    finally:
+        changed = _restore_changed(root, state)
+    if changed:
+        raise ConfigError(
+            f"graph AR: the forward pass of {type(root).__name__} modifies {changed!r} with an operation torch.fx does "
+            "not record (a tensor method called on the buffer itself, e.g. `self.count.add_(1)`, runs once while "
+            "tracing and never again); keep state in torch.nn modules (BatchNorm) or outside forward")
     gm = fx.GraphModule(tracer.root, graph)
     functionalize(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _restore_changed(root: nn.Module, state: dict[str, Tensor]) -> str | None:
+    """Put back every parameter and buffer that tracing changed; the first one's name."""
+    first = None
+    with torch.no_grad():
+        for k, t in root.state_dict(keep_vars=True).items():
+            if k in state and not torch.equal(t.detach(), state[k]):
+                t.copy_(state[k])
+                first = first or k
+    return first
 
 
 def _untraceable_message(root: nn.Module, err: Exception) -> str:
