@@ -271,3 +271,20 @@ def test_locally_connected_inverse_is_the_transpose_of_the_forward_layer():
     h = torch.randn(4, 3, *lc.out_size, dtype=torch.float64)
     (vjp,) = torch.autograd.grad(lc(x), x, h)
     assert torch.allclose(g(h, x.shape), vjp + g.bias, atol=1e-12)
+
+
+@pytest.mark.parametrize("given,expected", [("inv_beta1=0.5", (0.5, 0.95)), ("inv_beta2=0.9", (0.8, 0.9)),
+                                            ("inv_beta1=0.5,inv_beta2=0.9", (0.5, 0.9))])
+def test_one_inverse_beta_set_takes_the_other_from_the_forward_optimizer(given, expected):
+    from creditlab.build import build_optimizer
+    from creditlab.config import resolve
+
+    cfg = resolve({"dataset": "fake:n=8,shape=6,classes=3,test=4", "model": {"arch": "6-8-8-3", "act": "tanh"},
+                   "algo": f"dtp:{given}", "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.8, 0.95]},
+                   "epochs": 1, "log_every": 0})
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax")
+    algo = build_algorithm(cfg["algo"], model, build_loss("cross_entropy"))
+    opt = build_optimizer(cfg, model, algo)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["model"]["betas"] == (0.8, 0.95)
+    assert tuple(groups["inverses"]["betas"]) == expected

@@ -88,10 +88,19 @@ def _construct_model(cfg: dict, data_shape: tuple[int, ...], num_out: int) -> nn
     return model
 
 
+def inherit_betas(groups: list[dict[str, Any]], betas: tuple[float, float] | list[float]) -> list[dict[str, Any]]:
+    """An algorithm's group may set one Adam beta and leave the other None (e.g. ``dtp:inv_beta1=0.99``):
+    the None entries take the optimizer's value."""
+    for g in groups:
+        if "betas" in g and any(b is None for b in g["betas"]):
+            g["betas"] = tuple(float(d) if b is None else float(b) for b, d in zip(g["betas"], betas))
+    return groups
+
+
 def build_optimizer(cfg: dict, model: nn.Module, algo: Algorithm) -> torch.optim.Optimizer:
     o = cfg["optimizer"]
     groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
-    groups += algo.param_groups(o["lr"])
+    groups += inherit_betas(algo.param_groups(o["lr"]), o["betas"])
     if o["name"] == "sgd":
         return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
     return torch.optim.Adam(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])

@@ -306,12 +306,14 @@ class TargetPropagation(Algorithm):
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """One group for the inverses with their own Adam hyper-parameters (inv_lr, inv_beta1,
-        inv_beta2, inv_eps; unset ones follow the optimizer's)."""
+        inv_beta2, inv_eps; unset ones follow the optimizer's). With only one of inv_beta1 /
+        inv_beta2 set, the other entry of ``betas`` is None: :func:`creditlab.build.build_optimizer`
+        fills it with the forward optimizer's value (never a hard-coded one)."""
         o = self.options
         group: dict[str, Any] = {"name": "inverses", "params": list(self.inverses.parameters()), "lr": float(o["inv_lr"] if o["inv_lr"] is not None else lr)}
         if o["inv_beta1"] is not None or o["inv_beta2"] is not None:
-            group["betas"] = (float(o["inv_beta1"] if o["inv_beta1"] is not None else 0.9),
-                              float(o["inv_beta2"] if o["inv_beta2"] is not None else 0.999))
+            group["betas"] = (None if o["inv_beta1"] is None else float(o["inv_beta1"]),
+                              None if o["inv_beta2"] is None else float(o["inv_beta2"]))
         if o["inv_eps"] is not None:
             group["eps"] = float(o["inv_eps"])
         return [group]
