@@ -355,6 +355,9 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
             algo.on_epoch_start(epoch)
             model.train()
             batches = batch_indices(len(data.x_train), cfg["batch_size"], cfg["seed"], epoch, device=device)
+            # an algorithm may run several passes per epoch (alternating target propagation: an
+            # inverse pass, then a forward pass, so `epochs` counts forward epochs)
+            batches = algo.epoch_batches(epoch, batches) if hasattr(algo, "epoch_batches") else batches
             first = start_step if epoch == start_epoch else 0
             t_epoch, loss_sum, correct, seen = partial if first else (0.0, 0.0, 0, 0)
             bar = progress_bar(range(first, len(batches)), progress and rank0, f"{algo.name} epoch {epoch + 1}/{cfg['epochs']}")

@@ -23,8 +23,13 @@ gradient stopped at h_l; the output layer minimises the task loss with its input
 Inverse loss of layer l: ||h~ - g_l(f_l(h~))||^2 (``noise-preserving``, DTP) or
 ||h - g_l(f_l(h~))||^2 (``denoise``, SDTP), h~ = h + N(0, sigma^2), forward parameters fixed.
 
-Schedules: ``parallel`` (both losses on every batch) or ``alternating`` (one full epoch of one
-loss, then one of the other, as the original DTP code; ``first`` says which comes first).
+Schedules: ``parallel`` (both losses on every batch) or ``alternating``: every epoch is one full
+pass of the data training one loss, then one full pass training the other (``first`` says which
+comes first; the inverses by default), as in Lee et al.'s DTP code and Meulemans et al.'s
+``train_separate``, so ``epochs`` counts forward epochs for both schedules. The loop asks
+:meth:`TargetPropagation.epoch_batches` for the epoch's batches, which an alternating run
+returns twice (the first pass, then the second); the algorithm counts its steps within the epoch
+(kept in its state, so a run resumed mid-epoch continues in the right pass).
 Forward parameters use the loop's optimizer settings; the inverses get their own Adam
 hyper-parameters through :meth:`param_groups` (``inv_lr``, ``inv_beta1``, ``inv_beta2``,
 ``inv_eps``).
@@ -134,6 +139,10 @@ class TargetPropagation(Algorithm):
         self.alpha = float(o.get("alpha", 0.0))
         self.layers, self.acts = require_chain(model, self.name)
         self.phase = "both" if self.schedule == "parallel" else self.first
+        # alternating: the epoch the step count belongs to, steps done in it, one pass's length
+        self._epoch: int | None = None
+        self._done = 0
+        self._pass_len: int | None = None
         self.aux_act = make_activation(str(o.get("aux_act", "tanh")))
         self.n_aux = int(o.get("aux", 0))
         self._last_hs: list[Tensor] | None = None
@@ -271,6 +280,8 @@ class TargetPropagation(Algorithm):
 
     # ---- the interface --------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> StepResult:
+        if self.schedule == "alternating":
+            self.phase = self._pass_phase(self._done)
         for p in self.params():
             p.grad = None
         L = len(self.layers)
@@ -297,12 +308,31 @@ class TargetPropagation(Algorithm):
         with torch.no_grad():
             task = self.loss(hs[L], y)
         self._last_hs = hs
+        if self.schedule == "alternating":
+            self._done += 1  # counted once the step is complete (an interrupted step is redone)
         return StepResult(task.detach(), hs[L])
 
+    def _pass_phase(self, k: int) -> str:
+        """The loss trained by step ``k`` of an alternating epoch: ``first`` during the first pass
+        (all of it while the pass length is unknown, i.e. without :meth:`epoch_batches`)."""
+        if self._pass_len is None or k < self._pass_len:
+            return self.first
+        return "forward" if self.first == "inverse" else "inverse"
+
     def on_epoch_start(self, epoch: int) -> None:
-        if self.schedule == "alternating":
-            other = "forward" if self.first == "inverse" else "inverse"
-            self.phase = self.first if epoch % 2 == 0 else other
+        """Alternating: a new epoch starts counting its steps from 0 (the epoch a resumed
+        checkpoint stopped in keeps its count)."""
+        if self.schedule == "alternating" and epoch != self._epoch:
+            self._epoch, self._done = epoch, 0
+            self.phase = self.first
+
+    def epoch_batches(self, epoch: int, batches: list[Tensor]) -> list[Tensor]:
+        """The batches the loop runs in ``epoch``: an alternating epoch is two passes over the same
+        batches (the ``first`` loss, then the other); a parallel one is one pass."""
+        if self.schedule != "alternating":
+            return batches
+        self._pass_len = len(batches)
+        return list(batches) + list(batches)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """One group for the inverses with their own Adam hyper-parameters (inv_lr, inv_beta1,
@@ -324,7 +354,7 @@ class TargetPropagation(Algorithm):
         return self.reconstruction_errors(self._last_hs) if self._last_hs is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"phase": self.phase,
+        state: dict[str, Any] = {"phase": self.phase, "epoch": self._epoch, "steps_in_epoch": self._done,
                                  "inverses": {k: v.detach().clone() for k, v in self.inverses.state_dict().items()}}
         if self.aux is not None:
             state["aux"] = self.aux.clone()
@@ -332,6 +362,8 @@ class TargetPropagation(Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phase = str(state.get("phase", self.phase))
+        self._epoch = state.get("epoch", self._epoch)
+        self._done = int(state.get("steps_in_epoch", self._done))
         self.inverses.load_state_dict(state["inverses"])
         if self.aux is not None:
             if "aux" not in state:
