@@ -191,13 +191,16 @@ def test_the_lock_is_held_for_the_run_and_released_after_it(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
-# ---- SIGTERM ---------------------------------------------------------------------------
-def test_sigterm_saves_mid_epoch_exits_143_and_resume_is_bit_identical(tmp_path):
+# ---- Ctrl-C and SIGTERM ---------------------------------------------------------------
+@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stop_signal_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, signum, code, name):
+    """What SLURM sends before a kill (SIGTERM) is handled like Ctrl-C: the checkpoint is saved at
+    the end of the step under way, the exit code is 128 + the signal, and --resume continues."""
     cfg = dict(SMALL, algo="ar:mode=simulate,steps=60", epochs=2, dataset="fake:n=3000,classes=3,shape=1x4x4,test=30",
                log_every=3)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     train(cfg, tmp_path / "ref", progress=False)
-    run = tmp_path / "term"
+    run = tmp_path / "stopped"
     proc = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--quiet"])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -205,10 +208,11 @@ def test_sigterm_saves_mid_epoch_exits_143_and_resume_is_bit_identical(tmp_path)
         if m.exists() and len(m.read_text().splitlines()) >= 4:
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "SIGTERM: interrupted in epoch 1" in err and "--resume" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert f"{name}: interrupted in epoch 1" in err and "checkpoint saved" in err and "--resume" in err
+    assert "Traceback" not in err
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck["step_in_epoch"] > 0 and ck["epoch"] == 0  # saved in the middle of the first epoch
     done = _cli(["train", "--out", str(run), "--resume", "--quiet"])  # the directory alone resumes it

@@ -1,15 +1,8 @@
 """The ``creditlab`` command line (console script ``creditlab`` and ``python -m creditlab``):
 :mod:`.args` reads what a user typed, :mod:`.commands` runs each subcommand, :mod:`.parser`
-builds the argument parser; :func:`main` turns every error a user can fix into one line and its
-exit code.
-
-train, compare and search take the config's keys as ``KEY=VALUE`` arguments (dotted for nested
-keys: ``optimizer.lr=1e-3 model.arch=784-100-10 epochs=3``), validated by the same schema;
-their flags (``--epochs``, ``--algo``, ...) are short forms of some of these keys.
-
-Errors a user can fix (bad config, missing or corrupted data, divergence) are printed as one
-message without a traceback; exit codes: 2 bad input, 3 divergence, 4 a collected comparison
-with missing or unfinished runs, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM."""
+builds the argument parser (its ``DESCRIPTION`` is the ``creditlab --help`` text: subcommands,
+``KEY=VALUE`` overrides, exit codes); :func:`main` turns every error a user can fix into one
+line and its exit code."""
 
 from __future__ import annotations
 
