@@ -73,7 +73,9 @@ def algo_spec(row: str, net: str) -> str:
     opts = [f"schedule={schedule}", f"sigma={sigma}", f"inv_lr={lr}", f"inv_beta1={b1}", f"inv_beta2={b2}",
             f"inv_eps={eps}"]
     if name == "dtp":
-        opts.insert(1, f"alpha={alpha}")
+        # Table 5's alpha is a step on the batch-mean loss (Lee et al.'s and Meulemans et al.'s code):
+        # alpha_loss=mean makes creditlab's alpha that same step (docs/bartunov.md)
+        opts[1:1] = [f"alpha={alpha}", "alpha_loss=mean"]
     if name == "aosdtp":
         opts.insert(1, "aux=512")
     return f"{name}:" + ",".join(opts)

@@ -62,3 +62,27 @@ def test_imagenet_lc_runs_on_small_inputs():
     algo = build_algorithm("dtp", model, build_loss("cross_entropy"))
     res = algo.step(torch.rand(2, 3, 48, 48), torch.tensor([0, 4]))
     assert res.output.shape == (2, 5) and len(algo.inverses) == len(model.layers) - 1
+
+
+@pytest.mark.parametrize("path", [f for f in FILES if config.load(f)["algo"].startswith("dtp")], ids=lambda f: f.stem)
+def test_dtp_files_take_the_published_alpha_step_on_the_batch_mean_loss(path):
+    """Table 5's alpha is a step on the batch-mean task loss (Lee et al.'s and Meulemans et al.'s
+    code): h^_{L-1} = h_{L-1} - alpha d(mean_n L_n)/dh_{L-1}, whatever the batch size."""
+    from creditlab.models import MLP
+    from creditlab.spec import parse_spec
+
+    cfg = config.load(path)
+    alpha = float(parse_spec(cfg["algo"])[1]["alpha"])
+    torch.manual_seed(0)
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax").double()
+    loss = build_loss("cross_entropy")
+    algo = build_algorithm(cfg["algo"], model, loss)
+    for b in (4, 32):
+        x, y = torch.randn(b, 6, dtype=torch.float64), torch.randint(0, 3, (b,))
+        with torch.no_grad():
+            hs = [x]
+            for i in range(3):
+                hs.append(algo.f(i, hs[-1]))
+        h = hs[2].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model.layers[2](h), y), h)
+        torch.testing.assert_close(algo.targets(hs, y)[2], hs[2] - alpha * g, rtol=1e-12, atol=1e-14)

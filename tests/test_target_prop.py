@@ -361,3 +361,15 @@ def test_alternating_runs_count_forward_epochs(tmp_path):
     assert s["epochs"] == 1 and len(steps) == 2 * n
     forward = [r["mean_angle_deg"] is not None and math.isfinite(r["mean_angle_deg"]) for r in steps]
     assert forward == [False] * n + [True] * n
+
+
+def test_dtp_alpha_on_the_batch_mean_loss_is_alpha_over_batch_size_on_the_summed_loss():
+    torch.manual_seed(0)
+    model = MLP("6-8-8-3", act="tanh", out_act="softmax").double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    mean = build_algorithm("dtp:alpha=0.2,alpha_loss=mean", model, build_loss("cross_entropy"))
+    summed = build_algorithm("dtp:alpha=0.02", model, build_loss("cross_entropy"))
+    hs = _forward(mean, x)
+    torch.testing.assert_close(mean.targets(hs, y)[2], summed.targets(hs, y)[2], rtol=1e-13, atol=1e-15)
+    with pytest.raises(ConfigError, match="alpha_loss"):
+        build_algorithm("dtp:alpha_loss=median", model, build_loss("cross_entropy"))

@@ -15,6 +15,7 @@ no inverse.
 Targets (computed without gradients, except DTP's penultimate one):
   * tp:     h^_l = g_{l+1}(h^_{l+1}),                       h^_L = argmin loss (the label)
   * dtp:    h^_l = g_{l+1}(h^_{l+1}) + h_l - g_{l+1}(h_{l+1}),  h^_{L-1} = h_{L-1} - alpha dL/dh_{L-1}
+            (L summed over the batch, ``alpha_loss=sum``, or averaged, ``alpha_loss=mean``)
   * sdtp:   difference correction down from h^_L = argmin loss (no gradient anywhere)
   * aosdtp: h_L = [o, z] with z = tanh(A h_{L-1}) fixed random features; h^_{L-1} = h_{L-1} -
             g(o, z) + g(o^, z), then difference correction.
@@ -137,6 +138,7 @@ class TargetPropagation(Algorithm):
         if self.sigma < 0:
             raise ConfigError(f"algorithm {self.name}: sigma={self.sigma} must be >= 0 (noise standard deviation)")
         self.alpha = float(o.get("alpha", 0.0))
+        self.alpha_loss = choice(f"algorithm {self.name}", "alpha_loss", o.get("alpha_loss", "sum"), ("sum", "mean"))
         self.layers, self.acts = require_chain(model, self.name)
         self.phase = "both" if self.schedule == "parallel" else self.first
         # alternating: the epoch the step count belongs to, steps done in it, one pass's length
@@ -203,11 +205,17 @@ class TargetPropagation(Algorithm):
         return out_activity
 
     def penultimate_gradient(self, h_pen: Tensor, y: Tensor) -> Tensor:
-        """dL/dh_{L-1} through the output layer only, L summed over the batch (per-sample targets)."""
+        """dL/dh_{L-1} through the output layer only. ``alpha_loss=sum`` (default): L summed over
+        the batch, i.e. each sample's own gradient (alpha independent of the batch size);
+        ``alpha_loss=mean``: L averaged over the (global) batch, as in Lee et al.'s and Meulemans
+        et al.'s code, i.e. the per-sample gradient divided by the batch size B (so alpha_mean =
+        B x alpha_sum for the same step)."""
         leaf = h_pen.detach().requires_grad_(True)
         with torch.enable_grad():
             value = self.loss.per_sample(self.f(len(self.layers) - 1, leaf, detach_params=True), y).sum()
             (g,) = torch.autograd.grad(value, leaf)
+        if self.alpha_loss == "mean":
+            g = g / batch_total(h_pen.shape[0])
         return g
 
     @torch.no_grad()
