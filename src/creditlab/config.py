@@ -37,7 +37,8 @@ Schema (every key, with its default; ``null`` = unset)::
     search: null                  # creditlab search: {sampler: random|tpe, space: {NAME: DIST}};
                                   #   DIST = [loguniform, LO, HI] | [uniform, LO, HI] | [choice, [V, ...]];
                                   #   null (or space: null) = Bartunov et al.'s Table 4, random sampler
-    published: {}                 # the paper's numbers, printed beside ours
+    published: {}                 # the published numbers: {kind: paper|authors-code|read-from-figure,
+                                  #   source, protocol, values: {NAME: VALUE}, claim} (creditlab/published.py)
     notes: ""
 
 Numbers follow YAML 1.2 (``1e-3``, ``5E-4``, ``.5``, ``+1e-3`` are floats; ``010`` is 10, ``0o10``
@@ -370,6 +371,12 @@ def validate(cfg: dict) -> None:
             check_search(cfg["search"], cfg["algo"])
         except ConfigError as e:
             raise _keyed(e, "search")
+    from creditlab.published import check_published
+
+    try:
+        check_published(cfg["published"])
+    except ConfigError as e:
+        raise _keyed(e, "published")
 
 
 def read(path: str | Path) -> dict:

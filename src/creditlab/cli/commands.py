@@ -290,3 +290,28 @@ def cmd_list(args) -> int:
     return 0
 
 
+
+
+def cmd_results(args) -> int:
+    from creditlab.results import add
+
+    dest = add(args.dir, args.paper, args.experiment, root=args.root, overwrite=args.overwrite)
+    files = sum(1 for f in dest.rglob("*") if f.is_file())
+    print(f"added {args.dir} -> {dest} ({files} files); then: creditlab tables")
+    return 0
+
+
+def cmd_tables(args) -> int:
+    from creditlab.tables import run
+
+    changed, problems = run(args.root, args.spec, check=args.check)
+    for p in problems:
+        print(f"creditlab: {p}", file=sys.stderr)
+    if problems:
+        what = (f"{len(changed)} table(s) differ from results/; creditlab tables regenerates them" if args.check
+                else "nothing written")
+        print(f"creditlab: tables: {len(problems)} problem(s); {what}", file=sys.stderr)
+        return 1
+    verb = "differ" if args.check else "rewritten"
+    print("\n".join(f"{verb}: {c}" for c in changed) or "tables: every table agrees with results/")
+    return 0

@@ -12,12 +12,15 @@ from creditlab.cli.commands import (
     cmd_compare,
     cmd_list,
     cmd_relax,
+    cmd_results,
     cmd_search,
+    cmd_tables,
     cmd_train,
 )
 from creditlab.errors import ConfigError
 
-DESCRIPTION = """The ``creditlab`` command line: train, compare, collect, check, relax, bench, search, list.
+DESCRIPTION = """The ``creditlab`` command line: train, compare, collect, check, relax, bench, search, list,
+results, tables.
 
 train, compare and search take the config's keys as ``KEY=VALUE`` arguments (dotted for nested
 keys: ``optimizer.lr=1e-3 model.arch=784-100-10 epochs=3``), validated by the same schema;
@@ -25,7 +28,8 @@ their flags (``--epochs``, ``--algo``, ...) are short forms of some of these key
 
 Errors a user can fix (bad config, missing or corrupted data, divergence) are printed as one
 message without a traceback; exit codes: 2 bad input, 3 divergence, 4 a collected comparison
-with missing or unfinished runs, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM."""
+with missing or unfinished runs, 1 a table in docs/ that differs from results/ (tables),
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the datasets")
     ls.add_argument("--json", action="store_true", help="print them as JSON")
     ls.set_defaults(fn=cmd_list)
+    rs = sub.add_parser("results", help="committed results: results add RUN_DIR copies a finished comparison into "
+                                        "results/<paper>/<experiment>/")
+    rsub = rs.add_subparsers(dest="results_action", required=True, metavar="ACTION",
+                             help="add: copy a finished compare or collect directory into results/")
+    ra = rsub.add_parser("add", help="copy a finished comparison's configs, summaries and metrics.csv (no checkpoints, "
+                                     "no plots) into ROOT/PAPER/EXPERIMENT/")
+    ra.add_argument("dir", metavar="RUN_DIR", help="a finished creditlab compare --out directory, or a collected plan")
+    ra.add_argument("--paper", required=True, help="the paper's folder in results/, e.g. activation-relaxation")
+    ra.add_argument("--experiment", required=True, help="the experiment's folder, e.g. ar-mnist (the YAML's name)")
+    ra.add_argument("--root", default="results", help="the results folder (default results, in the current directory)")
+    ra.add_argument("--overwrite", action="store_true", help="replace an existing result (removes it first)")
+    ra.set_defaults(fn=cmd_results)
+
+    tb = sub.add_parser("tables", help="write the results tables in docs/ from results/ (spec: docs/tables.yaml)")
+    tb.add_argument("--check", action="store_true", help="write nothing: exit 1, naming doc, table and row, where a "
+                                                         "doc differs from what results/ gives")
+    tb.add_argument("--root", default=".", help="the repository root (default: the current directory)")
+    tb.add_argument("--spec", help="the table spec (default ROOT/docs/tables.yaml)")
+    tb.set_defaults(fn=cmd_tables)
     return p
 
 

@@ -1,0 +1,132 @@
+"""Committed results: the small outputs of finished comparisons, kept in the repository as data
+for the tables in docs/ (``creditlab tables``).
+
+Layout (``ROOT`` is ``results/`` at the repository root)::
+
+    ROOT/<paper>/<experiment>/summary.json            the comparison's summary (compare / collect)
+    ROOT/<paper>/<experiment>/config.yaml             the comparison's resolved config
+    ROOT/<paper>/<experiment>/<algo>/seed<N>/config.yaml    each run's resolved config
+    ROOT/<paper>/<experiment>/<algo>/seed<N>/summary.json   each run's summary
+    ROOT/<paper>/<experiment>/<algo>/seed<N>/metrics.csv    each run's epoch rows
+    ROOT/<paper>/<experiment>/<algo>/seed<N>/metrics.jsonl  only when small (<= JSONL_LIMIT)
+
+``<algo>`` is the directory name ``compare`` gives the algorithm spec
+(:func:`creditlab.compare.slug`). No checkpoints, no plots. :func:`add` copies a finished
+comparison there; it refuses one with a diverged, unfinished or missing run (naming each), and an
+existing result unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from creditlab import config as config_mod
+from creditlab.compare import PLAN, Run, planned_runs, read_outcome, slug
+from creditlab.errors import ConfigError
+
+#: the files of a comparison and of each run that are committed
+TOP_FILES = ("summary.json", "config.yaml")
+RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")
+#: metrics.jsonl is committed only up to this size (bytes)
+JSONL_LIMIT = 256 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_OURS = set(TOP_FILES) | set(RUN_FILES) | {"metrics.jsonl"}
+
+
+def _name(value: str, flag: str) -> str:
+    if not _NAME.match(value or ""):
+        raise ConfigError(f"{flag} {value!r}: a name of letters, digits, '.', '_' and '-' (no '/'), e.g. "
+                          f"{'activation-relaxation' if flag == '--paper' else 'ar-mnist'}")
+    return value
+
+
+def comparison_runs(run_dir: Path) -> list[Run]:
+    """The runs of a ``compare`` output directory (its config.yaml) or of a plan (plan.json)."""
+    if (run_dir / PLAN).is_file():
+        plan = json.loads((run_dir / PLAN).read_text())
+        return [Run(r["algo"], int(r["seed"]), run_dir / r["dir"]) for r in plan["runs"]]
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml or {PLAN}; results add takes the directory of a "
+                          f"creditlab compare (its --out) or of a plan (compare --plan DIR, then collect DIR)")
+    return planned_runs(config_mod.load(run_dir / "config.yaml"), run_dir)
+
+
+def check_finished(run_dir: Path) -> tuple[dict, list[Run]]:
+    """The comparison's summary and runs, if every run finished; else ConfigError naming each
+    diverged, unfinished or missing run."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a directory")
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    single = any((run_dir / f).exists() for f in ("checkpoint.pt", "metrics.jsonl", "diverged.json"))
+    if single or (summary is not None and "algorithms" not in summary):
+        raise ConfigError(f"{run_dir} holds a single run (creditlab train), not a comparison; results add takes "
+                          f"the directory of a creditlab compare or collect")
+    runs = comparison_runs(run_dir)
+    bad = []
+    for run in runs:
+        o = read_outcome(run)
+        if o.status != "ok":
+            bad.append(f"{run.algo} seed {run.seed} {o.status} ({o.message}; {run.dir})")
+    if bad:
+        raise ConfigError(f"{run_dir}: not a finished comparison, {len(bad)} run(s) not finished: " + "; ".join(bad)
+                          + ". Resume or rerun them (creditlab compare --resume --out DIR, or the plan's rerun lines "
+                            "and creditlab collect DIR), then add the result")
+    if summary is None:
+        raise ConfigError(f"{run_dir}: no summary.json (the comparison was stopped before it wrote it); "
+                          f"creditlab compare --resume --out {run_dir} (or creditlab collect) writes it")
+    for key in ("diverged", "incomplete"):
+        if summary.get(key):
+            names = ", ".join(f"{o['algo']} seed {o['seed']}" for o in summary[key])
+            raise ConfigError(f"{path} lists {key} runs ({names}); rerun them and the comparison first")
+    return summary, runs
+
+
+def _check_removable(dest: Path) -> None:
+    for p in dest.rglob("*"):
+        if p.is_file() and p.name not in _OURS:
+            raise ConfigError(f"{dest}: --overwrite would delete {p}, which results add did not write; "
+                              f"move it away first")
+
+
+def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "results",
+        overwrite: bool = False) -> Path:
+    """Copy the finished comparison in ``run_dir`` to ``root/paper/experiment`` (see the module
+    docstring); returns that directory."""
+    run_dir = Path(run_dir)
+    dest = Path(root) / _name(paper, "--paper") / _name(experiment, "--experiment")
+    summary, runs = check_finished(run_dir)
+    if dest.exists() and any(dest.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{dest} already holds a result; give --overwrite to replace it (its files are removed "
+                              f"first)")
+        _check_removable(dest)
+    tmp = dest.with_name(f".{dest.name}.adding")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name in TOP_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, tmp / name)
+        for run in runs:
+            out = tmp / slug(run.algo) / f"seed{run.seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                if not (run.dir / name).is_file():
+                    raise ConfigError(f"{run.dir}: no {name} (a finished run writes it); rerun {run.algo} seed "
+                                      f"{run.seed}")
+                shutil.copyfile(run.dir / name, out / name)
+            jsonl = run.dir / "metrics.jsonl"
+            if jsonl.is_file() and jsonl.stat().st_size <= JSONL_LIMIT:
+                shutil.copyfile(jsonl, out / "metrics.jsonl")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
