@@ -366,3 +366,92 @@ def test_cnn_output_layer_update_equals_autograd_under_the_same_dropout_mask():
     torch.set_rng_state(state)  # autograd replays the clean pass's dropout masks
     gw, gb = torch.autograd.grad(loss(model(x), y), [last.weight, last.bias])
     assert torch.allclose(last.weight.grad, gw, atol=1e-12) and torch.allclose(last.bias.grad, gb, atol=1e-12)
+
+
+# ---- the authors' set-ups (benlansdell/synthfeedback, benlansdell/ssdfa) -------------------------
+
+_EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _experiment_model(name: str, shape: tuple[int, ...], num_out: int):
+    from creditlab import config
+    from creditlab.build import build_model
+
+    cfg = config.load(_EXPERIMENTS / name)
+    return cfg, build_model(cfg, shape, num_out)
+
+
+@pytest.mark.parametrize("name", ["np-mnist.yaml", "np-mnist-sigma.yaml", "np-mnist-fixedw.yaml"])
+def test_lansdell_mnist_set_ups_follow_the_authors_linear_output_layer(name):
+    _, model = _experiment_model(name, (1, 28, 28), 10)
+    assert model.sizes == [784, 50, 20, 10]
+    assert [a.name for a in model.acts] == ["sigmoid", "sigmoid", "linear"]
+    paper = build_named_model("lansdell_mnist", (1, 28, 28), 10, variant="paper")
+    assert [a.name for a in paper.acts] == ["sigmoid"] * 3
+    with pytest.raises(ConfigError, match="variant"):
+        build_named_model("lansdell_mnist", (1, 28, 28), 10, variant="code")
+
+
+def test_authors_autoencoder_set_up_trains_np_sg_and_matched_on_784_50_2_50_784():
+    cfg, model = _experiment_model("np-autoencoder-authors.yaml", (1, 28, 28), 784)
+    assert model.sizes == [784, 50, 2, 50, 784]
+    assert [a.name for a in model.acts] == ["tanh", "linear", "tanh", "relu"]
+    assert sorted(a.split(":")[0] for a in cfg["algos"]) == ["matched", "np", "sg"]
+    _, wide = _experiment_model("np-autoencoder.yaml", (1, 28, 28), 784)  # BP, FA, DAE: 200
+    assert wide.sizes == [784, 200, 2, 200, 784]
+
+
+def test_authors_cnn_variant_has_the_5x5x96_tanh_net_with_per_image_standardisation():
+    from creditlab.models.lansdell import PerImageStandardization
+
+    cfg, model = _experiment_model("np-cifar10-authors.yaml", (3, 32, 32), 10)
+    assert cfg["batch_size"] == 128 and cfg["optimizer"]["name"] == "adam"
+    assert all("b_optimizer=sgd" in a for a in cfg["algos"] if a.startswith(("np", "sg")))
+    mods = list(model)
+    assert isinstance(mods[0], PerImageStandardization)
+    convs = [m for m in mods if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.out_channels) for c in convs] == [((5, 5), 96), ((5, 5), 128), ((5, 5), 256)]
+    assert all(a.name == "tanh" for a in mods if hasattr(a, "name") and hasattr(a, "df"))
+    assert all(torch.all(m.bias == 0.1) for m in mods if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    paper = list(build_named_model("lansdell_cnn", (3, 32, 32), 10))
+    assert isinstance(paper[0], torch.nn.Conv2d) and paper[0].out_channels == 32 and paper[0].kernel_size == (3, 3)
+    # TensorFlow's per_image_standardization: (x - mean) / max(std, 1/sqrt(N)) per image
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 4, 4, dtype=DT) * 5 + 2
+    x[2] = 7.0  # a constant image: std 0, floored at 1/sqrt(48)
+    out = PerImageStandardization()(x)
+    for n in range(3):
+        v = x[n].flatten()
+        ref = (v - v.mean()) / max(float(v.std(unbiased=False)), 1 / math.sqrt(48))
+        torch.testing.assert_close(out[n].flatten(), ref)
+    # the feedback learners take the standardisation as a parameter-free first module
+    small = build_named_model("lansdell_cnn", (3, 32, 32), 10, variant="authors", width=0.0625)
+    build_algorithm("np:form=dfa,sigma=0.067", small, build_loss("cross_entropy")).step(
+        torch.rand(2, 3, 32, 32), torch.tensor([1, 3]))
+
+
+@pytest.mark.parametrize("spec", ["np:form=dfa,sigma=0.05,b_lr=0.3,b_optimizer=sgd", "sg:form=dfa,b_lr=0.3,b_optimizer=sgd"])
+def test_b_optimizer_sgd_steps_the_feedback_weights_by_plain_sgd_while_w_uses_adam(spec):
+    from creditlab.build import build_optimizer
+    from creditlab.config import resolve
+
+    cfg = resolve({"dataset": "fake:n=8,shape=6,classes=3,test=4", "model": {"arch": "6-5-4-3"}, "algo": spec,
+                   "optimizer": {"name": "adam", "lr": 1e-2, "weight_decay": 0.1}, "epochs": 1, "log_every": 0})
+    model = mlp("6-5-4-3")
+    algo = build_algorithm(spec, model, build_loss("mse"))
+    opt = build_optimizer(cfg, model, algo)
+    x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        algo.step(x, y)
+        b0 = [b.detach().clone() for b in algo.B]
+        w0 = [p.detach().clone() for p in model.parameters()]
+        grads = [b.grad.clone() for b in algo.B]
+        opt.step()
+        for b, before, g in zip(algo.B, b0, grads):  # plain SGD: no moments, no weight decay
+            torch.testing.assert_close(b.detach(), before - 0.3 * g, rtol=0, atol=1e-15)
+        assert all(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    assert all(len(opt.state[b]) == 0 for b in algo.B)  # no Adam moments for B
+    assert all(len(opt.state[p]) > 0 for p in model.parameters())
+    with pytest.raises(ConfigError, match="b_optimizer"):
+        build_algorithm("np:fit=ridge,b_optimizer=sgd", mlp("6-5-4-3"), build_loss("mse"))

@@ -97,13 +97,40 @@ def inherit_betas(groups: list[dict[str, Any]], betas: tuple[float, float] | lis
     return groups
 
 
+class AdamWithPlainSGDGroups(torch.optim.Adam):
+    """Adam, except that groups marked ``plain_sgd`` are stepped by p -= lr * grad (no moments,
+    no weight decay): e.g. node perturbation's feedback weights with ``b_optimizer=sgd`` while the
+    forward weights use Adam (Lansdell et al.'s CIFAR code)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        groups = self.param_groups
+        for g in groups:
+            if g.get("plain_sgd"):
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-g["lr"])
+        self.param_groups = [g for g in groups if not g.get("plain_sgd")]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
 def build_optimizer(cfg: dict, model: nn.Module, algo: Algorithm) -> torch.optim.Optimizer:
+    """The run's optimizer over the model's parameters and the algorithm's groups. A group may
+    leave a beta None (the optimizer's value is used) or be marked ``plain_sgd`` (stepped by
+    plain SGD at its lr, without momentum or weight decay, whatever the run's optimizer)."""
     o = cfg["optimizer"]
     groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
     groups += inherit_betas(algo.param_groups(o["lr"]), o["betas"])
+    for g in groups:
+        if g.get("plain_sgd"):
+            g.update(momentum=0.0, weight_decay=0.0)
     if o["name"] == "sgd":
         return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-    return torch.optim.Adam(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+    cls = AdamWithPlainSGDGroups if any(g.get("plain_sgd") for g in groups) else torch.optim.Adam
+    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
 def build_all(cfg: dict, data: Dataset) -> tuple[nn.Module, Loss, Algorithm, torch.optim.Optimizer]:

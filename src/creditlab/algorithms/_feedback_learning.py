@@ -23,7 +23,9 @@ for the FA form. The least-squares fit of B to a target lambda (eq. 3) is either
 
 * ``fit=sgd``: one gradient step per minibatch on 1/2 sum_n |g_n - lambda_n|^2, i.e.
   ``B.grad = e^T (e B - lambda)`` summed over the batch (the authors' code), applied by the
-  optimizer with the algorithm's own learning rate (a parameter group);
+  optimizer with the algorithm's own learning rate (a parameter group); ``b_optimizer=sgd``
+  makes that step plain SGD (B -= b_lr B.grad) whatever the run's optimizer, as the authors'
+  CIFAR code does while W uses Adam;
 * ``fit=ridge``: the exact recursive ridge solution over all samples seen so far (Appendix
   C.3): V = gamma I + sum e^T e, S = sum e^T lambda, B = V^{-1} S. gamma is added once and is
   *not* scaled with the sample count (as in the authors' code), so its weight fades as 1/T.
@@ -235,6 +237,11 @@ class FeedbackLearner(Algorithm):
         self.b_lr = None if b_lr is None else float(b_lr)
         if self.b_lr is not None and self.b_lr < 0:
             raise ConfigError(f"algorithm {self.name!r}: b_lr={self.b_lr} must be >= 0")
+        # run: B is a group of the run's optimizer; sgd: plain SGD at b_lr whatever the run's
+        # optimizer (the authors' CIFAR code: B <- B - beta grad_B while W uses Adam)
+        self.b_optimizer = choice(f"algorithm {self.name}", "b_optimizer", o.get("b_optimizer", "run"), ("run", "sgd"))
+        if self.b_optimizer == "sgd" and self.fit != "sgd":
+            raise ConfigError(f"algorithm {self.name!r}: b_optimizer=sgd needs fit=sgd (fit=ridge solves for B exactly)")
         self.net = split_blocks(model, self.name)
         if len(self.net.blocks) < 2:
             raise ConfigError(f"algorithm {self.name!r} needs at least one hidden layer")
@@ -364,7 +371,10 @@ class FeedbackLearner(Algorithm):
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         if self.fit == "ridge":
             return []
-        return [{"params": list(self.B), "lr": lr if self.b_lr is None else self.b_lr, "weight_decay": 0.0}]
+        group: dict[str, Any] = {"params": list(self.B), "lr": lr if self.b_lr is None else self.b_lr, "weight_decay": 0.0}
+        if self.b_optimizer == "sgd":
+            group["plain_sgd"] = True  # creditlab.build.build_optimizer steps it by p -= lr * grad
+        return [group]
 
     def feedback_pairs(self) -> list[tuple[str, Tensor | None, Tensor]]:
         """(layer name, the matrix B should converge to or None, B in that matrix's shape)."""

@@ -40,7 +40,7 @@ class NodePerturbation(FeedbackLearner):
     name = "np"
     defaults: dict[str, Any] = {
         "sigma": 0.01, "form": "fa", "fit": "sgd", "b_lr": 5e-4, "gamma": 0.1, "warmup": 0,
-        "order": "simultaneous", "b_init": "xavier",
+        "order": "simultaneous", "b_init": "xavier", "b_optimizer": "run",
     }
     divergence_hint = "lower the learning rate, b_lr, or sigma"
 

@@ -28,7 +28,7 @@ class SyntheticGradient(FeedbackLearner):
     name = "sg"
     defaults: dict[str, Any] = {
         "form": "fa", "fit": "sgd", "b_lr": 5e-4, "gamma": 0.1, "warmup": 0,
-        "order": "simultaneous", "b_init": "xavier",
+        "order": "simultaneous", "b_init": "xavier", "b_optimizer": "run",
     }
 
     def clean_pass(self, x: Tensor, y: Tensor) -> CleanPass:
