@@ -70,7 +70,7 @@ COLUMNS: dict[str, tuple[str, str, str, int, bool]] = {
 }
 _SPECIAL = {"algorithm": "algorithm", "n": "n", "epochs": "epochs", "published": "published"}
 _TABLE_KEYS = {"doc", "results", "experiment", "command", "columns", "rows", "omit"}
-_ROW_KEYS = {"algo", "label", "published"}
+_ROW_KEYS = {"algo", "label", "published", "results", "experiment"}
 _COLUMN_KEYS = {"name", "header", "digits", "std"}
 #: the keys the comparison's summary.json aggregates (compare.aggregate) and that are cross-checked
 _AGGREGATED = ("test_accuracy", "val_accuracy", "train_accuracy", "test_accuracy_at_best_val",
@@ -89,7 +89,7 @@ class Column:
 class Table:
     name: str
     doc: str
-    results: str
+    results: str | None
     command: str
     columns: list[Column]
     rows: list[dict] | None
@@ -130,19 +130,20 @@ def load_spec(path: Path) -> list[Table]:
         if not isinstance(t, dict):
             raise ConfigError(f"{where} must be a mapping")
         extra = sorted(set(t) - _TABLE_KEYS)
-        missing = [k for k in ("doc", "results", "command", "columns") if not t.get(k)]
+        rows = t.get("rows")
+        per_row = bool(rows) and all(isinstance(r, dict) and r.get("results") for r in rows)
+        missing = [k for k in ("doc", "results", "command", "columns") if not t.get(k) and not (k == "results" and per_row)]
         if extra or missing:
             raise ConfigError(f"{where}: " + (f"unknown key {extra[0]!r}" if extra else f"no {missing[0]}")
                               + f"; keys: {', '.join(sorted(_TABLE_KEYS))}")
-        rows = t.get("rows")
         for i, r in enumerate(rows or []):
             if not isinstance(r, dict) or "algo" not in r or set(r) - _ROW_KEYS:
-                raise ConfigError(f"{where}: row {i + 1} must be {{algo: SPEC, label: TEXT, published: PATH}}")
-        if any(c == "published" or (isinstance(c, dict) and c.get("name") == "published") for c in t["columns"]) \
-                and not t.get("experiment"):
-            raise ConfigError(f"{where}: a published column needs experiment: (the YAML whose published: block "
-                              f"holds the values)")
-        tables.append(Table(name, t["doc"], t["results"], " ".join(str(t["command"]).split()),
+                raise ConfigError(f"{where}: row {i + 1} must be {{algo: SPEC, label: TEXT, published: PATH}} (and "
+                                  f"optionally its own results: and experiment:)")
+            if r.get("published") is not None and not (r.get("experiment") or t.get("experiment")):
+                raise ConfigError(f"{where}: row {i + 1} has a published value but no experiment: (the YAML whose "
+                                  f"published: block holds it), in the row or the table")
+        tables.append(Table(name, t["doc"], t.get("results"), " ".join(str(t["command"]).split()),
                             [_column(c, f"{where}, column {i + 1}") for i, c in enumerate(t["columns"])],
                             rows, t.get("experiment"), tuple(t.get("omit") or ())))
     return tables
@@ -194,10 +195,10 @@ def _cell(col: Column, runs: list[dict]) -> str:
     vals = [r.get(key) for r in runs]
     if not vals or any(v is None for v in vals):
         return "-"
-    vals = [100 * v if how == "acc" else 100 * (1 - v) if how == "err" else v for v in vals]
-    mean = _fixed(statistics.fmean(vals), col.digits)
+    m = statistics.fmean(vals)  # as compare's summary.md: the mean of the fractions, then in %
+    mean = _fixed(100 * m if how == "acc" else 100 * (1 - m) if how == "err" else m, col.digits)
     if col.std and len(vals) > 1:
-        return f"{mean} ± {_fixed(statistics.stdev(vals), col.digits)}"
+        return f"{mean} ± {_fixed(statistics.stdev(vals) * (1 if how == 'num' else 100), col.digits)}"
     return mean
 
 
@@ -209,58 +210,91 @@ def _published(table: Table, rows: list[dict], root: Path) -> tuple[list[str], l
     """The published cell of each row and the sources footer."""
     if not any(c.name == "published" for c in table.columns):
         return [""] * len(rows), []
-    path = root / table.experiment
-    block = config_mod.read(path).get("published") or {}
-    found = []
+    found: list[tuple | None] = []
     for r in rows:
+        if r.get("published") is None:
+            found.append(None)
+            continue
+        exp = r.get("experiment") or table.experiment
+        block = config_mod.read(root / exp).get("published") or {}
         try:
-            found.append(lookup(block, str(r["published"])) if r.get("published") is not None else None)
+            p = lookup(block, str(r["published"]))
         except ConfigError as e:
-            raise ConfigError(f"{path}: table {table.name} row `{r['algo']}`: {e}") from None
-    sources: list[tuple[str, str, str]] = []
-    for p in found:
-        if p is not None and (p.kind, p.source, p.note) not in sources:
-            sources.append((p.kind, p.source, p.note))
+            raise ConfigError(f"{exp}: table {table.name} row `{r['algo']}`: {e}") from None
+        found.append((p.value, p.kind, p.source, p.note, block.get("protocol"), exp))
+    sources = list(dict.fromkeys(f[1:] for f in found if f is not None))
     cells = []
-    for p in found:
-        if p is None:
+    for f in found:
+        if f is None:
             cells.append("-")
             continue
-        i = sources.index((p.kind, p.source, p.note)) + 1
-        cells.append(_esc(f"{p.value} ({p.kind}{f', source {i}' if len(sources) > 1 else ''})"))
-    protocol = f"; protocol: {block['protocol']}" if block.get("protocol") else ""
-    notes = [f"{kind}: {source}{f' ({note})' if note else ''}" for kind, source, note in sources]
-    if len(notes) == 1:
-        return cells, [f"Published ({notes[0]}{protocol}), from `{table.experiment}`."]
-    if not notes:
-        return cells, [f"Published: no value for these rows in `{table.experiment}`{protocol}."]
-    return cells, [f"Published, by source (from `{table.experiment}`{protocol}):", ""] + \
-        [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+        i = sources.index(f[1:]) + 1
+        cells.append(_esc(f"{f[0]} ({f[1]}{f', source {i}' if len(sources) > 1 else ''})"))
+    exps = sorted({src[4] for src in sources})
+    one = len(exps) == 1
+
+    def note(kind, source, note, protocol, exp):
+        text = f"{kind}: {source}{f' ({note})' if note else ''}"
+        return text if one else text + f"; from `{exp}`" + (f", protocol: {protocol}" if protocol else "")
+
+    protocols = sorted({src[3] for src in sources if src[3]})
+    head = f"from `{exps[0]}`" + (f"; protocol: {protocols[0]}" if protocols else "") if one else ""
+    if not sources:
+        return cells, ["Published: no value for these rows."]
+    if len(sources) == 1:
+        return cells, [f"Published ({note(*sources[0])}{'; ' + head if head else ''})."]
+    return cells, [f"Published, by source{f' ({head})' if head else ''}:", ""] + \
+        [f"{i}. {note(*src)}" for i, src in enumerate(sources, 1)]
+
+
+def _add_line(command: str, dirs: list[str]) -> str:
+    """The ``results add`` step of the regeneration recipe (exact for one ``results/P/E`` folder)."""
+    parts = Path(dirs[0]).parts if len(dirs) == 1 else ()
+    if len(parts) != 3:
+        return "`creditlab results add RUN_DIR --paper P --experiment E --overwrite` for each comparison"
+    out = re.search(r"--out[ =](\S+)", command)
+    return (f"`creditlab results add {out.group(1) if out else 'RUN_DIR'} --paper {parts[1]} --experiment {parts[2]} "
+            f"--overwrite`")
 
 
 def render(table: Table, root: Path) -> tuple[list[str], list[str]]:
     """The lines between the markers of ``table`` and the data problems found on the way."""
-    directory = root / table.results
-    order, seeds, problems = read_results(directory)
-    rows = table.rows if table.rows is not None else [{"algo": a} for a in order if a not in table.omit]
-    listed = {r["algo"] for r in rows} | set(table.omit)
-    absent = [r["algo"] for r in rows if r["algo"] not in seeds]
-    if absent:
-        raise ConfigError(f"table {table.name}: {directory} has no algorithm {absent[0]!r} (it has: "
-                          f"{', '.join(order)})")
-    unlisted = [a for a in order if a not in listed]
-    if unlisted:
-        problems.append(f"table {table.name}: {directory} also has {', '.join(unlisted)}, in no row: add a row or "
-                        f"list it under omit")
+    if table.rows is None and table.results is None:
+        raise ConfigError(f"table {table.name}: no results: and no rows")
+    data: dict[str, tuple[list[str], dict[str, list[dict]]]] = {}
+    problems: list[str] = []
+
+    def results_of(rel: str):
+        if rel not in data:
+            order, seeds, found = read_results(root / rel)
+            data[rel] = (order, seeds)
+            problems.extend(found)
+        return data[rel]
+
+    rows = table.rows
+    if rows is None:
+        rows = [{"algo": a} for a in results_of(table.results)[0] if a not in table.omit]
+    used = []
+    for r in rows:
+        rel = r.get("results") or table.results
+        order, seeds = results_of(rel)
+        if r["algo"] not in seeds:
+            raise ConfigError(f"table {table.name}: {rel} has no algorithm {r['algo']!r} (it has: {', '.join(order)})")
+        used.append((rel, r["algo"]))
+    for rel, (order, _) in data.items():
+        unlisted = [a for a in order if (rel, a) not in used and a not in table.omit]
+        if unlisted:
+            problems.append(f"table {table.name}: {rel} also has {', '.join(unlisted)}, in no row: add a row or "
+                            f"list it under omit")
     published, footer = _published(table, rows, root)
     lines = ["", "| " + " | ".join(_esc(c.header) for c in table.columns) + " |",
              "|" + "---|" * len(table.columns)]
-    for r, pub in zip(rows, published):
-        runs = seeds[r["algo"]]
+    for (rel, algo), r, pub in zip(used, rows, published):
+        runs = data[rel][1][algo]
         cells = []
         for c in table.columns:
             if c.name == "algorithm":
-                cells.append(_esc(str(r.get("label") or f"`{r['algo']}`")))
+                cells.append(_esc(str(r.get("label") or f"`{algo}`")))
             elif c.name == "n":
                 cells.append(str(len(runs)))
             elif c.name == "epochs":
@@ -272,8 +306,9 @@ def render(table: Table, root: Path) -> tuple[list[str], list[str]]:
                 cells.append(_cell(c, runs))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + ([*footer, ""] if footer else [])
-    lines += [f"Generated by `creditlab tables` from `{table.results}` (spec: `docs/tables.yaml`); to regenerate: "
-              f"`{table.command}`, then `creditlab results add`, then `creditlab tables`.", ""]
+    dirs = list(dict.fromkeys(rel for rel, _ in used))
+    lines += [f"Generated by `creditlab tables` from {', '.join(f'`{d}`' for d in dirs)} (spec: `docs/tables.yaml`); "
+              f"to regenerate: `{table.command}`, then {_add_line(table.command, dirs)}, then `creditlab tables`.", ""]
     return lines, problems
 
 
@@ -308,7 +343,9 @@ def _row_of(line: str | None) -> str:
     return re.split(r"(?<!\\)\|", line.strip()[1:])[0].strip()
 
 
-def _differences(doc: str, name: str, old: list[str], new: list[str]) -> list[str]:
+def _differences(doc: str, name: str, old: list[str], new: list[str], first: int) -> list[str]:
+    """One line per differing line of a section: ``DOC:LINE: table NAME, row LABEL: ...``
+    (``first``: the doc's line number of the begin marker)."""
     header = _row_of(new[1]) if len(new) > 1 else ""
     out = []
     for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
@@ -319,8 +356,8 @@ def _differences(doc: str, name: str, old: list[str], new: list[str]) -> list[st
             o = olds[k] if k < len(olds) else None
             n = news[k] if k < len(news) else None
             row = _row_of(n) or _row_of(o)
-            where = ("the header" if row == header else f"row {row}") if row else f"line {a0 + k + 1} of the section"
-            out.append(f"{doc}: table {name}, {where}: the doc has " + (f"'{o}'" if o is not None else "no line")
+            where = ("the header" if row == header else f"row {row}") if row else "text"
+            out.append(f"{doc}:{first + 1 + a0 + min(k, len(olds))}: table {name}, {where}: the doc has " + (f"'{o}'" if o is not None else "no line")
                        + ", results/ give " + (f"'{n}'" if n is not None else "no line"))
     return out
 
@@ -358,7 +395,7 @@ def run(root: str | Path = ".", spec: str | Path | None = None, check: bool = Fa
             if old != new:
                 changed.append(f"{doc}: {t.name}")
                 if check:
-                    problems += _differences(doc, t.name, old, new)
+                    problems += _differences(doc, t.name, old, new, first + 1)
                 lines[first + 1:last] = new
         texts[path] = (text, "\n".join(lines))
     if not check and not problems:
