@@ -210,6 +210,23 @@ def test_results_add_never_overwrites_without_overwrite(comparison, tmp_path):
         add(comparison, "p", "e", root=root, overwrite=True)
 
 
+def test_results_add_takes_a_collected_plan(tmp_path):
+    from creditlab.compare import collect, plan
+    from creditlab.train import train
+
+    cfg = config.resolve({"name": "t", "dataset": "fake:n=48,classes=3,shape=1x4x4,test=12", "model": {"arch": "16-8-3"},
+                          "algos": ["bp"], "seeds": [0, 1], "epochs": 1, "batch_size": 16, "threads": 1})
+    runs = plan(cfg, tmp_path / "plan")
+    with pytest.raises(ConfigError, match="bp seed 0 missing"):
+        add(tmp_path / "plan", "p", "e", root=tmp_path / "results")
+    for r in runs:
+        train(config.load(r.dir / "config.yaml"), r.dir, progress=False)
+    collect(tmp_path / "plan")
+    dest = add(tmp_path / "plan", "p", "e", root=tmp_path / "results")
+    assert sorted(p.name for p in dest.iterdir()) == ["bp", "config.yaml", "summary.json"]
+    assert (dest / "bp/seed1/metrics.csv").is_file() and not (dest / "bp/seed1/checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("state", ["diverged", "unfinished", "missing"])
 def test_results_add_refuses_a_comparison_with_a_run_not_finished(comparison, tmp_path, state):
     run_dir = tmp_path / "run"
