@@ -177,6 +177,15 @@ def test_train_on_a_config_listing_one_algo_trains_it_and_says_so(tiny, calls, c
     assert calls[-1][1]["algo"] == "fa" and "training it: fa" in out
 
 
+def test_compare_on_a_config_naming_one_algo_compares_that_algorithm_not_the_default(tiny, calls, capsys):
+    tiny.write_text(yaml.safe_dump({**TINY, "algo": "dfa"}))
+    code, out, err = run(["compare", "--config", tiny, "--quiet", "--out", tiny.parent / "c"], capsys)
+    assert code == 0, err
+    assert calls[-1][1]["algos"] == ["dfa"] and "comparing it alone: dfa" in out
+    code, out, err = run(["compare", "--config", tiny, "--quiet", "--algos", "bp,fa", "--out", tiny.parent / "d"], capsys)
+    assert code == 0 and calls[-1][1]["algos"] == ["bp", "fa"] and "alone" not in out
+
+
 def test_resume_needs_only_the_run_directory(tmp_path, calls, capsys):
     out = tmp_path / "run"
     out.mkdir()

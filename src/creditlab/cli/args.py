@@ -92,7 +92,17 @@ def _one_algo(raw: dict | None, origin: str | None, over: list[Override]) -> tup
                       f"algo:, and this command runs one: choose it with --algo, e.g. --algo {shlex.quote(str(algos[0]))}")
 
 
-def _load_cfg(args, base: dict | None = None, one_algo: bool = False) -> tuple[dict, list[Override], str | None]:
+def _all_algos(raw: dict | None, origin: str | None, over: list[Override]) -> tuple[list[Override], str | None]:
+    """A config file that names one ``algo:`` and no ``algos:``, for a command that runs a list
+    of algorithms (compare): that one algorithm (and a note saying so), never the default list."""
+    if not raw or "algo" not in raw or "algos" in raw or any(o.key == "algos" for o in over):
+        return over, None
+    return over + [Override("algos", [raw["algo"]], f"{origin} (algo:)")], \
+        f"the config names one algorithm (algo:) and no algos:, comparing it alone: {raw['algo']}"
+
+
+def _load_cfg(args, base: dict | None = None, one_algo: bool = False,
+              all_algos: bool = False) -> tuple[dict, list[Override], str | None]:
     """The resolved config of ``--config`` (else ``base``, else the defaults) with the command
     line's values; also the overrides (to tell what was given explicitly) and a note to print."""
     over = _overrides(args)
@@ -100,6 +110,8 @@ def _load_cfg(args, base: dict | None = None, one_algo: bool = False) -> tuple[d
     note = None
     if one_algo:
         over, note = _one_algo(raw, origin, over)
+    if all_algos and args.config:
+        over, note = _all_algos(raw, origin, over)
     return config_mod.resolve(raw, over, origin=origin), over, note
 
 

@@ -96,7 +96,9 @@ def cmd_compare(args) -> int:
     base: dict | None = QUICKSTART
     if args.resume and not args.config and args.out:
         base = _stored(Path(args.out)) or QUICKSTART  # continue the comparison with its stored config
-    cfg, over, _ = _load_cfg(args, base=base)
+    cfg, over, note = _load_cfg(args, base=base, all_algos=True)
+    if note:
+        print(note, flush=True)
     if args.plan:
         for flag, given in (("--out", args.out), ("--jobs", args.jobs != 1), ("--resume", args.resume),
                             ("--overwrite", args.overwrite)):
