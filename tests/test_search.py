@@ -229,20 +229,26 @@ def test_a_local_worker_killed_mid_trial_is_replaced_and_the_search_still_succee
 
     cfg = dict(BASE, name="kill2", algo="dtp", dataset="fake:n=1200,classes=3,shape=1x4x4", epochs=10)
     out = tmp_path / "s"
-    url = f"sqlite:///{out / 'search.db'}"
     killed: list[int] = []
+
+    def running_trials() -> int:
+        """RUNNING trials, read with sqlite3 in read-only mode: this thread must neither create the
+        storage's schema (racing the search's own creation of it) nor import SQLAlchemy while the
+        main thread is importing it."""
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{out / 'search.db'}?mode=ro", uri=True, timeout=1) as db:
+                return db.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]
+        except sqlite3.Error:  # not created yet, or locked for a moment
+            return 0
 
     def kill_one_when_both_run():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             time.sleep(0.1)
-            try:
-                running = optuna.load_study(study_name="kill2", storage=url).get_trials(
-                    states=(optuna.trial.TrialState.RUNNING,))
-            except Exception:  # noqa: BLE001  (the study is not created yet)
-                continue
             children = multiprocessing.active_children()
-            if len(running) == 2 and len(children) == 2:
+            if running_trials() == 2 and len(children) == 2:
                 os.kill(children[0].pid, signal.SIGKILL)
                 killed.append(children[0].pid)
 
@@ -313,3 +319,25 @@ def test_joining_a_study_made_for_another_config_names_the_differing_keys(tmp_pa
     msg = str(e.value)
     assert "created for another config: epochs: 2 (study) vs 3 (this config); " \
            "optimizer.lr: 0.01 (study) vs 0.001 (this config); use another --study" in msg
+
+
+def test_a_storage_whose_schema_another_worker_is_creating_is_opened_as_it_is(tmp_path, monkeypatch):
+    """Workers started at the same moment on a fresh database race to create its tables; the one
+    that loses (an integrity error on the schema's version row) opens the storage the winner made."""
+    import sqlalchemy.exc
+
+    from creditlab import search
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            real(*a, **k)  # the other worker's creation, finished while ours failed
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(search.optuna.storages, "RDBStorage", racing)
+    storage = search.open_storage(f"sqlite:///{tmp_path / 'fresh.db'}", heartbeat=1)
+    assert isinstance(storage, real) and len(calls) == 2
+

@@ -222,11 +222,22 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storage
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat {heartbeat}: must be >= 1 second")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
+    import sqlalchemy.exc
+
+    def connect() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
                                               grace_period=2 * int(heartbeat))
+
+    try:
+        try:
+            return connect()
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started at the same moment on a fresh database race to create its tables and
+            # stamp its schema version; the loser's insert of the version row fails. The schema now
+            # exists: open it as it is (a second failure is a real one and is reported).
+            return connect()
     except Exception as e:  # noqa: BLE001  (host unreachable, wrong password, ...: all the user's to fix)
         raise ConfigError(f"cannot open the search storage {_redact(url)}: {_first_line(e)}") from None
 
