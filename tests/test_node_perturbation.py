@@ -311,8 +311,10 @@ def test_autoencoder_model_matches_paper_architecture():
     m = build_named_model("lansdell_autoencoder", (1, 28, 28), 10)
     assert m.sizes == [784, 200, 2, 200, 784]
     assert [a.name for a in m.acts] == ["tanh", "linear", "tanh", "relu"]
-    m2 = build_named_model("lansdell_mnist", (1, 28, 28), 10)
+    m2 = build_named_model("lansdell_mnist", (1, 28, 28), 10, variant="paper")
     assert m2.sizes == [784, 50, 20, 10] and all(a.name == "sigmoid" for a in m2.acts)
+    default = build_named_model("lansdell_mnist", (1, 28, 28), 10)  # the authors' code: a linear output
+    assert [a.name for a in default.acts] == ["sigmoid", "sigmoid", "linear"]
 
 
 @pytest.mark.parametrize("spec", ["np:sigma=0", "np:fit=adam", "np:form=xyz", "np:order=sequential",

@@ -2,8 +2,10 @@
 ``paper`` (the text of Appendix C) and ``authors`` (the authors' code: benlansdell/synthfeedback
 for MNIST and the autoencoder, benlansdell/ssdfa for CIFAR).
 
-Every factory defaults to ``variant=paper``; the shipped experiments name their variant (the
-MNIST ones, experiments/np-mnist*.yaml, follow the authors' code).
+``lansdell_mnist`` defaults to ``variant=authors`` (the authors' code, whose linear output
+layer is what makes the paper's step sizes work; the paper's sigmoid output is
+``variant=paper``); the autoencoder and the CNN default to ``variant=paper``, with the authors'
+set-ups as ``variant=authors``. The shipped experiments name their variant.
 
 * ``lansdell_mnist``: 784-50-20-10 MLP with sigmoid hidden layers. ``variant=paper``: the output
   is y = sigma(W h) too (§2; Appendix C.1); ``variant=authors``: the authors' code (NPModel4*,
@@ -60,10 +62,10 @@ def _variant(model: str, variant: str) -> str:
 
 @register_model("lansdell_mnist")
 def lansdell_mnist(in_shape, num_classes, hidden: int = 50, hidden2: int = 20, init: str = "xavier_normal",
-                   bias: bool = True, out_act: str | None = None, variant: str = "paper") -> MLP:
-    """784-50-20-10 sigmoid MLP, Lansdell et al. 2020 Fig. 2: the paper's sigmoid output
-    (``variant=paper``) or the authors' code's linear one (``variant=authors``, what
-    experiments/np-mnist*.yaml use); ``out_act`` overrides either."""
+                   bias: bool = True, out_act: str | None = None, variant: str = "authors") -> MLP:
+    """784-50-20-10 sigmoid MLP, Lansdell et al. 2020 Fig. 2: the authors' code's linear output
+    (``variant=authors``, the default, what experiments/np-mnist*.yaml use) or the paper's
+    sigmoid output (``variant=paper``); ``out_act`` overrides either."""
     v = _variant("lansdell_mnist", variant)
     if out_act is None:
         out_act = "sigmoid" if v == "paper" else "linear"
