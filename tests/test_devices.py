@@ -74,3 +74,21 @@ def test_cli_deterministic_flag_reaches_the_config(tmp_path, capsys):
         assert code == 0 and "deterministic: true" in (tmp_path / "o" / "config.yaml").read_text()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_check_and_bench_build_the_model_in_the_requested_dtype(command):
+    """An initialisation is drawn in the dtype asked for (float64 orthogonal weights are exactly
+    orthogonal), not drawn in float32 and cast."""
+    from creditlab.bench import run_bench
+    from creditlab.check import run_check
+    from tests import dtype_probe
+
+    dtype_probe.BUILT_UNDER.clear()
+    if command == "check":
+        run_check("bp", model="tests.dtype_probe:make", in_shape=(1, 2, 2), classes=3, batch=4, dtype="float64")
+    else:
+        run_bench(["bp"], arch=None, model="tests.dtype_probe:make", in_shape=(1, 2, 2), classes=3, batch=4, dtype="float64",
+                  repeats=1, warmup=0)
+    assert dtype_probe.BUILT_UNDER and set(dtype_probe.BUILT_UNDER) == {torch.float64}
+    assert torch.get_default_dtype() == torch.float32

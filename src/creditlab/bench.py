@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from creditlab.algorithms import build_algorithm
-from creditlab.build import DTYPES
+from creditlab.build import DTYPES, default_dtype
 from creditlab.devices import resolve_device
 from creditlab.check import make_model
 from creditlab.losses import build_loss
@@ -41,7 +41,9 @@ def run_bench(algos: list[str], arch: str | None = "784-300-300-100-10", model: 
     runs = []
     for spec in specs:
         torch.manual_seed(seed)
-        net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=specs).to(device=dev, dtype=dt)
+        with default_dtype(dt):  # initialised in the checked dtype, not drawn in float32 and cast
+            net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=specs)
+        net = net.to(device=dev, dtype=dt)
         lossf = build_loss(loss)
         algo = build_algorithm(spec, net, lossf)
         groups = [{"params": list(net.parameters())}] + algo.param_groups(lr)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from creditlab.algorithms import build_algorithm
-from creditlab.build import DTYPES, mlp_for
+from creditlab.build import DTYPES, default_dtype, mlp_for
 from creditlab.devices import resolve_device
 from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
 from creditlab.errors import ConfigError
@@ -46,7 +46,9 @@ def run_check(algo: str, arch: str | None = None, model: str | None = None, act:
             classes = parse_arch(arch)[-1]
         x = torch.rand((batch, *in_shape))
         y = torch.randint(0, classes, (batch,))
-    net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=algo).to(device=dev, dtype=dt)
+    with default_dtype(dt):  # initialised in the checked dtype, not drawn in float32 and cast
+        net = make_model(arch, model, act, out_act, bias, init, tuple(in_shape), classes, algo=algo)
+    net = net.to(device=dev, dtype=dt)
     x, y = x.to(device=dev, dtype=dt), y.to(dev)
     lossf = build_loss(loss)
     algorithm = build_algorithm(algo, net, lossf)
