@@ -8,6 +8,20 @@ LocallyConnected2d: B_{l+1} maps e (flattened) to the *input* of each parameteri
 the first, i.e. to the full shape of the hidden activity below it (after its nonlinearity and
 any pooling); autograd then carries it through the nonlinearity (f') and pooling to the layer
 below. With several consumers of one activity their projections add.
+
+Parameters outside the routed layers (BatchNorm / LayerNorm affine parameters, class tokens,
+position embeddings, embedding tables) get the local autograd gradient of the feedback error
+that reaches them (the projected B e after the autograd path from it to their use; no weight
+matrix transported), which is DFA's rule applied to them. (Between a projection and the layer
+below, autograd carries the error through normalisations, their scale included, as through f'.)
+
+Modules whose weight matrices the routing cannot reach and whose autograd backward would carry
+the error through W^T (nn.LSTM and every nn.RNNBase, RNN cells, nn.MultiheadAttention, other
+convolutions than nn.Conv2d, nn.Bilinear) are refused by name while they have trainable
+parameters; ``unrouted=autograd`` accepts them: they and the layers they own are trained by
+autograd (backprop inside them) from the feedback error that reaches them, and get no B. A routed
+layer whose forward is never called while its weight is in the loss's graph (its parent uses the
+weight directly) is refused by name in the first step it happens.
 """
 
 from __future__ import annotations
@@ -21,10 +35,10 @@ from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.algorithms._feedback import (
     Route,
     RouteState,
+    Router,
     check_feedback_init,
     feedback_layers,
     init_feedback_,
-    routed,
 )
 from creditlab.errors import ConfigError
 from creditlab.losses import Loss
@@ -34,13 +48,14 @@ from creditlab.losses import Loss
 class DirectFeedbackAlignment(Algorithm):
     """``dfa``: options ``init`` (``like`` = uniform with the standard deviation of the weight
     of the layer the projection feeds; or an init spec with fans (outputs, hidden units)) and
-    ``noise`` (std of Gaussian noise on hidden layers' outputs in the training forward pass).
+    ``noise`` (std of Gaussian noise on hidden layers' outputs in the training forward pass), and
+    ``unrouted`` (``refuse``, the default, or ``autograd``: as for ``fa``).
 
     The matrices B are created on the first step, when the shapes are known (drawn from the
     global torch generator, so seeded runs are reproducible)."""
 
     name = "dfa"
-    defaults: dict[str, Any] = {"init": "like", "noise": 0.0}
+    defaults: dict[str, Any] = {"init": "like", "noise": 0.0, "unrouted": "refuse"}
     divergence_hint = "lower the learning rate, or use dfa:init=xavier for smaller feedback weights"
 
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):
@@ -49,19 +64,24 @@ class DirectFeedbackAlignment(Algorithm):
         self.noise = float(self.options["noise"])
         if self.noise < 0:
             raise ConfigError(f"dfa option noise={self.noise} must be >= 0 (a standard deviation)")
-        self.layers = feedback_layers(model)
+        self.layers = feedback_layers(model, self.options["unrouted"], self.name)
         self.B: dict[str, Tensor] = {}  # name -> (numel of the layer's input per sample, numel of output)
         self.state = RouteState(noise=self.noise)
         self.routes = [Route(name, layer, self._input_grad(name)) for name, layer in self.layers]
+        self.router = Router(self.routes, self.state)
 
     def _input_grad(self, name: str):
         def grad(g: Tensor, x_shape: torch.Size) -> Tensor:
-            e = self.state.e
-            if e is None or name not in self.B:
+            e = self.state.e  # (batch, outputs), flattened
+            b = self.B.get(name)
+            if e is None or b is None:
                 raise RuntimeError("dfa: output error or feedback matrix missing in backward (internal error)")
-            return (e.reshape(e.shape[0], -1) @ self.B[name].t()).reshape(x_shape)
+            return e.mm(b.t()).reshape(x_shape)
 
         return grad
+
+    def _record_error(self, e: Tensor) -> None:
+        self.state.e = e.detach().reshape(e.shape[0], -1)
 
     def _ensure_feedback(self, out: Tensor) -> None:
         k = out[0].numel()
@@ -84,13 +104,20 @@ class DirectFeedbackAlignment(Algorithm):
         for p in self.params():
             p.grad = None
         self.state.e = None
-        with torch.enable_grad(), routed(self.routes, self.state, training=self.model.training):
+        with torch.enable_grad(), self.router(self.model.training):
             out = self.model(x)
             loss = self.loss(out, y)
+            self.router.check_forwards(loss, self.name)
             self._ensure_feedback(out)
-            (e,) = torch.autograd.grad(loss, out, retain_graph=True)
-            self.state.e = e.detach()
-            out.backward(e)
+            if out.grad_fn is None:
+                raise ConfigError("dfa: the model output does not depend on any trainable parameter; nothing to train")
+            # one backward pass: the hook records e = dL/d(out) before any layer below the output
+            # (every routed layer) runs its backward, which reads it
+            handle = out.register_hook(self._record_error)
+            try:
+                loss.backward()
+            finally:
+                handle.remove()
         self.state.e = None
         return StepResult(loss.detach(), out.detach())
 

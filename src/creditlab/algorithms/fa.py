@@ -5,10 +5,29 @@ fixed random matrix B_l of W_l's shape in place of W_l in the backward pass,
 
 for every nn.Linear, nn.Conv2d and LocallyConnected2d of any model (everything else, e.g.
 pooling, dropout and activations, is differentiated by autograd). B_l is never trained.
+
+Parameters outside those layers (BatchNorm / LayerNorm affine parameters, class tokens, position
+embeddings, embedding tables) get the local autograd gradient of the feedback error that reaches
+them: the error at their use times what they multiply there, no weight matrix transported, which
+is FA's rule dW = delta x^T applied to them. (The error that a normalisation passes on to the
+layer below goes through autograd's derivative of the normalisation, its scale included, as
+through an activation's f'.)
+
+Modules whose weight matrices the routing cannot reach and whose autograd backward would carry
+the error through W^T, i.e. backprop inside them (nn.LSTM, nn.GRU and every nn.RNNBase, RNN
+cells, nn.MultiheadAttention, whose ``in_proj_weight`` is a bare parameter and whose ``out_proj``
+is never called, convolutions other than nn.Conv2d, nn.Bilinear), are refused by name while they
+have trainable parameters. ``unrouted=autograd`` accepts them: they, and the layers they own
+(MultiheadAttention's ``out_proj``), are trained by autograd from the feedback error that
+reaches them (e.g. an LSTM by backprop through time from the error its head's B sends it), and
+get no B and no alignment diagnostics. A routed layer whose forward is never called while its
+weight is in the loss's graph (its parent uses the weight directly) is refused by name in the
+first step it happens.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,13 +36,12 @@ from torch import Tensor, nn
 from creditlab.algorithms import Algorithm, StepResult, register_algorithm
 from creditlab.algorithms._feedback import (
     Route,
+    Router,
     RouteState,
     check_feedback_init,
     feedback_layers,
     init_feedback_,
     layer_fans,
-    routed,
-    transpose_apply,
 )
 from creditlab.diagnostics import feedback_alignment
 from creditlab.errors import ConfigError
@@ -35,10 +53,13 @@ class FeedbackAlignment(Algorithm):
     """``fa``: options ``init`` (``like`` = uniform with the forward weight's standard deviation
     at construction, i.e. scaled like the forward init; or any init spec: ``xavier``,
     ``orthogonal``, ``normal(0.05)``, ...) and ``noise`` (std of Gaussian noise on every hidden
-    layer's output in the training forward pass; 0 = none)."""
+    layer's output in the training forward pass; 0 = none) and ``unrouted`` (``refuse``, the
+    default: refuse by name a module with trainable parameters that the routing cannot reach,
+    e.g. nn.LSTM or nn.MultiheadAttention; ``autograd``: such modules are trained by autograd from
+    the feedback error that reaches them)."""
 
     name = "fa"
-    defaults: dict[str, Any] = {"init": "like", "noise": 0.0}
+    defaults: dict[str, Any] = {"init": "like", "noise": 0.0, "unrouted": "refuse"}
     divergence_hint = "lower the learning rate, or use fa:init=xavier for smaller feedback weights"
 
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):
@@ -47,10 +68,11 @@ class FeedbackAlignment(Algorithm):
         self.noise = float(self.options.get("noise", 0.0))
         if self.noise < 0:
             raise ConfigError(f"{self.name} option noise={self.noise} must be >= 0 (a standard deviation)")
-        self.layers = feedback_layers(model)
+        self.layers = feedback_layers(model, self.options.get("unrouted", "refuse"), self.name)
         self.B: dict[str, Tensor] = self._initial_feedback()
         self.state = RouteState(noise=self.noise)
-        self.routes = [Route(name, layer, self._input_grad(name, layer)) for name, layer in self.layers]
+        self.routes = [Route(name, layer, feedback=partial(self.feedback, name, layer)) for name, layer in self.layers]
+        self.router = Router(self.routes, self.state)
 
     # ---- hooks for the feedback-weight families built on FA (signsym, kp, wm) ----------------
     def _initial_feedback(self) -> dict[str, Tensor]:
@@ -73,18 +95,13 @@ class FeedbackAlignment(Algorithm):
         """(layer name, W, B) for the alignment diagnostics."""
         return [(name, layer.weight.detach(), self.B[name]) for name, layer in self.layers]
 
-    def _input_grad(self, name: str, layer: nn.Module):
-        def grad(g: Tensor, x_shape: torch.Size) -> Tensor:
-            return transpose_apply(layer, g, self.feedback(name, layer), x_shape)
-
-        return grad
-
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         for p in self.params():
             p.grad = None
-        with torch.enable_grad(), routed(self.routes, self.state, training=self.model.training):
+        with torch.enable_grad(), self.router(self.model.training):
             out = self.model(x)
             loss = self.loss(out, y)
+            self.router.check_forwards(loss, self.name)
             self._before_backward()
             loss.backward()
         return StepResult(loss.detach(), out.detach())

@@ -48,10 +48,13 @@ from creditlab.losses import Loss
 @register_algorithm
 class KolenPollack(FeedbackAlignment):
     """``kp``: options ``decay`` (weight decay on W and B, applied at the optimizer's learning
-    rate) and ``init`` (B's initial value, as for ``fa``)."""
+    rate), ``init`` (B's initial value, as for ``fa``) and ``unrouted`` (as for ``fa``: ``refuse``,
+    the default, refuses by name modules the routing cannot reach, e.g. nn.LSTM or
+    nn.MultiheadAttention; ``autograd`` lets autograd train them from the feedback error that
+    reaches them, with no B of their own)."""
 
     name = "kp"
-    defaults: dict[str, Any] = {"decay": 1e-4, "init": "like"}
+    defaults: dict[str, Any] = {"decay": 1e-4, "init": "like", "unrouted": "refuse"}
     divergence_hint = "lower the learning rate, or use kp:init=xavier for smaller initial feedback weights"
 
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):
@@ -66,22 +69,30 @@ class KolenPollack(FeedbackAlignment):
         return [{"params": [self.B[n] for n, _ in self.layers], "name": "kp.feedback"}]
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        for b in self.B.values():
+        B = self.B
+        for b in B.values():
             b.grad = None
         res = super().step(x, y)  # W.grad = delta x^T with B^T in the backward pass
         lam = self.decay * constant_share()  # batch-independent: counted once across ranks
-        sending = {n for n, _ in sending_layers(self.layers, self.state)}
+        sent = self.state.grad_inputs  # the layers that sent an error below in this pass
         with torch.no_grad():
-            done = [(n, m) for n, m in self.layers if m.weight.grad is not None]
-            gw = [m.weight.grad for _, m in done]
-            fb = [(n, g) for (n, _), g in zip(done, gw) if n in sending]
+            ws, gw, fb = [], [], []
+            for n, m in self.layers:
+                w = m.weight
+                g = w.grad
+                if g is None:
+                    continue
+                ws.append(w)
+                gw.append(g)
+                if sent.get(n, False):
+                    fb.append((B[n], g))
             if lam:  # one fused call per list: these are a few small tensors
-                gb = torch._foreach_add([g for _, g in fb], [self.B[n] for n, _ in fb], alpha=lam)
-                torch._foreach_add_(gw, [m.weight for _, m in done], alpha=lam)
+                gb = torch._foreach_add([g for _, g in fb], [b for b, _ in fb], alpha=lam)
+                torch._foreach_add_(gw, ws, alpha=lam)
             else:
                 gb = [g.clone() for _, g in fb]
-            for (n, _), g in zip(fb, gb):
-                self.B[n].grad = g  # B's update is W's local product (plus B's own decay)
+            for (b, _), g in zip(fb, gb):
+                b.grad = g  # B's update is W's local product (plus B's own decay)
         return res
 
     def reported_updates(self) -> dict[str, Tensor] | None:

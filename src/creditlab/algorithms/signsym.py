@@ -84,10 +84,12 @@ class SignSymmetry(FeedbackAlignment):
     initialisation whose scale (uSF) or distribution (brSF, frSF: its absolute value) gives the
     feedback magnitudes: ``like`` (the forward weight's standard deviation at construction, uniform
     for the random variants) or an init spec (``xavier`` is BioTorch's default, ``default``
-    PyTorch's)."""
+    PyTorch's); ``unrouted`` as for ``fa`` (``refuse``, the default: modules the routing cannot
+    reach, e.g. nn.LSTM or nn.MultiheadAttention, are refused by name; ``autograd``: they are
+    trained by autograd from the feedback error that reaches them)."""
 
     name = "signsym"
-    defaults: dict[str, Any] = {"variant": "usf", "init": "like"}
+    defaults: dict[str, Any] = {"variant": "usf", "init": "like", "unrouted": "refuse"}
     divergence_hint = "lower the learning rate, or use signsym:init=xavier for smaller feedback magnitudes"
 
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):

@@ -57,11 +57,14 @@ from creditlab.losses import Loss
 class WeightMirror(FeedbackAlignment):
     """``wm``: options ``mirror_steps`` (mirror steps per training step), ``sigma`` (standard
     deviation of the mirror noise), ``mirror_lr`` (eta) and ``mirror_decay`` (lambda, the
-    fraction of B lost per mirror step), and ``init`` (B before any mirroring, as for ``fa``)."""
+    fraction of B lost per mirror step), ``init`` (B before any mirroring, as for ``fa``) and
+    ``unrouted`` (as for ``fa``: ``refuse``, the default, refuses by name modules the routing
+    cannot reach, e.g. nn.LSTM or nn.MultiheadAttention; ``autograd`` lets autograd train them
+    from the feedback error that reaches them, unmirrored)."""
 
     name = "wm"
     defaults: dict[str, Any] = {"mirror_steps": 1, "sigma": 1.0, "mirror_lr": 0.01, "mirror_decay": 0.01,
-                                "init": "like"}
+                                "init": "like", "unrouted": "refuse"}
     divergence_hint = "lower the learning rate, or lower wm's mirror_lr / sigma (B settles at mirror_lr sigma^2 / mirror_decay W)"
 
     def __init__(self, model: nn.Module, loss: Loss, **options: Any):
