@@ -191,6 +191,11 @@ def write_comparison(cfg: dict, out: Path, outcomes: list[Outcome]) -> dict:
         plot_curves(out / "test_curves.png", curves, metric=metric)
     if any(angle_curves.values()):
         plot_compare_angles(out / "angles.png", angle_curves)
+    try:  # report.html (creditlab.report); a failure there never loses the summary written above
+        from creditlab.report import write_report
+        write_report(out, kind="collect" if (out / PLAN).is_file() else "compare")
+    except Exception as e:  # noqa: BLE001
+        print(f"creditlab: report.html not written: {type(e).__name__}: {e}", flush=True)
     return summary
 
 

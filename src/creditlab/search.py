@@ -500,6 +500,11 @@ def run_search(config: dict, trials: int, out_dir: str | Path, seed: int = 0, sp
                space={k: list(v) for k, v in sorted(space.items())}, varied=sorted(space),
                replaced_config_values=replaced)
     (out / "search.json").write_text(json.dumps(res, indent=2, default=str))
+    try:  # report.html (creditlab.report); a failure there never loses search.json
+        from creditlab.report import write_report
+        write_report(out, kind="search", config=cfg)
+    except Exception as e:  # noqa: BLE001
+        print(f"creditlab: report.html not written: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     complete = res["finished"] >= trials
     if failed or (killed and not complete):
         raise CreditlabError(f"search: {', '.join(failed + killed)} failed; the study keeps every finished trial "
