@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from creditlab.algorithms._ar_options import (
 )
 from creditlab.algorithms._verify import snapshot
 from creditlab.algorithms.graph_ar.guard import GuardRules
-from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, act_derivative
+from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, Derivative, act_derivative
 from creditlab.algorithms.graph_ar.relaxation import (
+    FusedFn,
     GraphRelaxation,
     PushFn,
     relax_graph_exact,
@@ -155,7 +157,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         self._buffers_before = {n: b.detach().clone() for n, b in self.gm.named_buffers()}
         return dict(zip(self._rec_names, self._rec(x)))
 
-    def _deriv(self, u: Unit, env: dict[str, Any]) -> Tensor | None:
+    def _deriv(self, u: Unit, env: dict[str, Any]) -> Derivative | None:
         """f'(a) of the unit's fused activation at the forward pre-activation."""
         if u.act is None:
             return None
@@ -163,7 +165,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
 
     @torch.no_grad()
     def build(self, env: dict[str, Any], clamp: Tensor,
-              exact: bool = False) -> tuple[GraphRelaxation, dict[str, Tensor | None]]:
+              exact: bool = False) -> tuple[GraphRelaxation, dict[str, Derivative | None]]:
         """The batch's relaxation problem; ``exact``: with transpose feedback and every f' (the
         machinery the guard checks against autograd, whatever the run's variant)."""
         o = self.options
@@ -171,16 +173,23 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
             self._plan = make_plan(self.gm, self.units, self.owner, self.out_node, env)
         plan = self._plan
         relaxed, out = plan.relaxed, plan.out
-        derivs: dict[str, Tensor | None] = {}
+        derivs: dict[str, Derivative | None] = {}
         push: dict[str, PushFn] = {}
+        fused: dict[str, FusedFn] = {}
         for name in relaxed:
             u = self.unit_by_name[name]
             d = self._deriv(u, env)
             derivs[name] = d
             d_relax = d if d is not None and (exact or uses_derivative(o["derivative"], u.kind)) else None
             push[name] = self._make_push(u, env, plan, d_relax, exact)
+            d_update = d if d is not None and (exact or uses_derivative(o["update_derivative"], u.kind)) else None
+            if d_relax is d_update:
+                f = self._make_fused(u, env, plan, d_relax, exact)
+                if f is not None:
+                    fused[name] = f
         forward = {name: env[name] for name in relaxed}
-        return GraphRelaxation(relaxed, push, forward, out, clamp), derivs  # type: ignore[arg-type]
+        parents = {name: list(dict.fromkeys(self.owner[a.name] for a in plan.parents[name])) for name in relaxed}
+        return GraphRelaxation(relaxed, push, forward, out, clamp, parents, fused=fused), derivs  # type: ignore[arg-type]
 
     @torch.no_grad()
     def relax(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor], dict]:
@@ -188,7 +197,10 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         rel, derivs = self.build(env, clamp)
         init = {u: env[u] for u in rel.free} if o["init"] == "forward" else None
         if o["mode"] == "exact":
-            states = relax_graph_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"])
+            # the fixed point's states are needed only by the updates not made with the pushes
+            keep = {u for u in rel.order if self._plan.params[u] and u not in rel.fused}  # type: ignore[union-attr]
+            states = relax_graph_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"], updates=True,
+                                       keep=keep if math.isinf(o["steps"]) else None)
         else:
             states = relax_graph_simulate(rel, init, o["steps"], float(o["eta"]), o["schedule"])
         return rel, states, derivs

@@ -101,27 +101,54 @@ def get_attr(gm: nn.Module, target: str) -> Any:
 def act_name(gm: fx.GraphModule, act: fx.Node) -> str | None:
     if act.op == "call_module":
         m = gm.get_submodule(str(act.target))
-        for name, types in (("tanh", (Tanh, nn.Tanh)), ("sigmoid", (Sigmoid, nn.Sigmoid)), ("relu", (ReLU, nn.ReLU))):
+        for name, types in (("tanh", (Tanh, nn.Tanh)), ("sigmoid", (Sigmoid, nn.Sigmoid)), ("relu", (ReLU, nn.ReLU)),
+                            ("identity", (nn.Identity,))):
             if type(m) in types:
                 return name
         return None
     if act.op == "call_method":
         return str(act.target) if act.target in ("tanh", "sigmoid", "relu") else None
     return {torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-            torch.relu: "relu"}.get(act.target)  # type: ignore[arg-type]
+            torch.relu: "relu", F.relu: "relu"}.get(act.target)  # type: ignore[arg-type]
 
 
-def act_derivative(gm: fx.GraphModule, act: fx.Node, a: Tensor, h: Tensor) -> Tensor:
+class ReluDerivative:
+    """relu'(a) held as the forward output h: ``times_derivative(v, d)`` is autograd's
+    ``threshold_backward(v, h, 0)`` (v where h > 0, else 0), one pass without a 0/1 mask."""
+
+    def __init__(self, h: Tensor):
+        self.h = h
+
+    def apply(self, v: Tensor) -> Tensor:
+        h = self.h if v.shape == self.h.shape else self.h.expand(v.shape)
+        return torch.ops.aten.threshold_backward(v, h, 0)
+
+
+Derivative = Tensor | ReluDerivative
+
+
+def times_derivative(v: Tensor, d: Derivative | None) -> Tensor:
+    """v * f'(a) elementwise (v may carry a leading stack dimension); ``d`` None: v."""
+    if d is None:
+        return v
+    if isinstance(d, ReluDerivative):
+        return d.apply(v)
+    return v * d
+
+
+def act_derivative(gm: fx.GraphModule, act: fx.Node, a: Tensor, h: Tensor) -> Derivative | None:
     """f'(a) elementwise (h = f(a) is the forward output): tanh, sigmoid and relu from h (the
-    same arithmetic as their ``Activation.df``), other creditlab activations by ``df``, any
-    other function by autograd."""
+    same arithmetic as their ``Activation.df``), None for ``nn.Identity`` (f' = 1: nothing to
+    multiply), other creditlab activations by ``df``, any other function by autograd."""
     name = act_name(gm, act)
+    if name == "identity":
+        return None
     if name == "tanh":
         return 1.0 - h**2
     if name == "sigmoid":
         return h * (1.0 - h)
     if name == "relu":
-        return (h > 0).to(h.dtype)
+        return ReluDerivative(h)
     if act.op == "call_module":
         m = gm.get_submodule(str(act.target))
         if isinstance(m, Activation):

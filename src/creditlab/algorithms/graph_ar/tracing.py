@@ -263,9 +263,44 @@ def _pool_with_indices(x: Tensor, kernel_size: Any, stride: Any, padding: Any, d
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
 
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _plain_batchnorm(mod: nn.Module) -> bool:
+    """A BatchNorm module of the exact torch types, with no hooks: its forward is
+    ``_BatchNorm.forward``, which :func:`_batchnorm_with_stats` reproduces."""
+    from torch.nn.modules import module as _module
+
+    return (type(mod) in _BATCHNORMS and not mod._forward_hooks and not mod._forward_pre_hooks
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+
+
+def _batchnorm_with_stats(mod: nn.modules.batchnorm._BatchNorm, x: Tensor
+                          ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``mod(x)`` and, where it normalizes with the batch's statistics on the CPU, those
+    statistics (mean, 1/sqrt(var + eps)) as its kernel computed them: ``_BatchNorm.forward``
+    step by step (running statistics and ``num_batches_tracked`` updated as it updates them),
+    calling the kernel ``torch.batch_norm`` calls on the CPU (bitwise the same output), so graph
+    AR's BatchNorm VJP does not compute the statistics a second time."""
+    batch = mod.training or (mod.running_mean is None and mod.running_var is None)
+    if not batch or x.device.type != "cpu" or x.dim() < 2:
+        return mod(x), None
+    mod._check_input_dim(x)
+    eaf = 0.0 if mod.momentum is None else mod.momentum
+    if mod.training and mod.track_running_stats and mod.num_batches_tracked is not None:
+        mod.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(mod.num_batches_tracked) if mod.momentum is None else mod.momentum
+    track = not mod.training or mod.track_running_stats
+    F._verify_batch_size(x.size())  # type: ignore[attr-defined]
+    out, mean, invstd = torch.ops.aten.native_batch_norm(x, mod.weight, mod.bias, mod.running_mean if track else None,
+                                                        mod.running_var if track else None, True, eaf, mod.eps)
+    return out, (mean, invstd)
+
+
 def recording_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of the traced graph that returns every node's value (one compiled call, no
-    interpreter); ``nn.MaxPool2d`` nodes also return their argmax indices (``NAME#idx``), and
+    interpreter); ``nn.MaxPool2d`` nodes also return their argmax indices (``NAME#idx``),
+    BatchNorm nodes their batch statistics (``NAME#bnstats``, :func:`_batchnorm_with_stats`), and
     each node that may draw random numbers the generators' state just before it (``NAME#rng``)."""
     g = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -285,7 +320,21 @@ def recording_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
         if n.meta.get("inplace_module"):
             with g.inserting_before(m):
                 m.args = (g.call_method("clone", (m.args[0],)), *m.args[1:])
-        if type(mod) is nn.MaxPool2d and not mod.return_indices and len(n.args) == 1 and not n.kwargs:
+        if mod is not None and _plain_batchnorm(mod) and len(n.args) == 1 and not n.kwargs \
+                and not n.meta.get("inplace_module"):
+            with g.inserting_before(m):
+                mod_node = g.get_attr(str(n.target))
+            with g.inserting_after(m):
+                both = g.call_function(_batchnorm_with_stats, (mod_node, m.args[0]))
+            with g.inserting_after(both):
+                val = g.call_function(operator.getitem, (both, 0))
+            with g.inserting_after(val):
+                stats = g.call_function(operator.getitem, (both, 1))
+            m.replace_all_uses_with(val)
+            g.erase_node(m)
+            names += [n.name, n.name + "#bnstats"]
+            outs += [val, stats]
+        elif type(mod) is nn.MaxPool2d and not mod.return_indices and len(n.args) == 1 and not n.kwargs:
             with g.inserting_after(m):
                 both = g.call_function(_pool_with_indices, (m.args[0], mod.kernel_size, mod.stride, mod.padding,
                                                             mod.dilation, mod.ceil_mode))

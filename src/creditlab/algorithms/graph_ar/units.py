@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from creditlab.algorithms.graph_ar.ops import (
@@ -29,7 +30,7 @@ class Unit:
 
     op: fx.Node
     act: fx.Node | None = None
-    kind: str = "other"  # linear | conv | maxpool | add | cat | reshape | act | other
+    kind: str = "other"  # linear | conv | batchnorm | maxpool | add | cat | reshape | slice | pad | act | other
     module: nn.Module | None = None
     param_inputs: list[fx.Node] = field(default_factory=list)  # get_attr parameters used by op
 
@@ -63,6 +64,8 @@ def node_kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, nn.Module | None]:
             return "reshape", m
         if type(m) is nn.MaxPool2d and not m.return_indices:
             return "maxpool", m
+        if type(m) in BATCHNORMS:
+            return "batchnorm", m
         if isinstance(m, ACT_MODULES):
             return "act", m
         return "other", m
@@ -72,11 +75,45 @@ def node_kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, nn.Module | None]:
         return "add", None
     if n.op == "call_function" and n.target is torch.cat and isinstance(n.args[0], (list, tuple)):
         return "cat", None
+    if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and not n.kwargs \
+            and basic_index(n.args[1]) is not None:
+        return "slice", None
+    if n.op == "call_function" and n.target is F.pad and constant_pad(n) is not None:
+        return "pad", None
     if n.op == "call_method" and n.target in RESHAPE_METHODS:
         return "reshape", None
     if is_activation(gm, n):
         return "act", None
     return "other", None
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def basic_index(idx: Any) -> tuple[Any, ...] | None:
+    """``idx`` as a tuple if it is basic indexing only (slices of Python ints, ints, None,
+    Ellipsis), whose VJP is a write into a zero tensor; None otherwise (tensors, fx nodes, bools)."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for e in items:
+        if isinstance(e, slice):
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (e.start, e.stop, e.step)):
+                return None
+        elif not (e is None or e is Ellipsis or (isinstance(e, int) and not isinstance(e, bool))):
+            return None
+    return tuple(items)
+
+
+def constant_pad(n: fx.Node) -> tuple[int, ...] | None:
+    """The pad widths of ``F.pad(x, pad)`` in constant mode with non-negative Python ints (its
+    VJP is a slice of the cotangent); None otherwise."""
+    args = list(n.args) + [None] * 4
+    pad = n.kwargs.get("pad", args[1])
+    mode = n.kwargs.get("mode", args[2] if args[2] is not None else "constant")
+    if mode != "constant" or not isinstance(pad, (tuple, list)) or len(pad) % 2:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pad):
+        return None
+    return tuple(pad)
 
 
 def own_params(gm: fx.GraphModule, u: Unit) -> list[tuple[str, nn.Parameter]]:
