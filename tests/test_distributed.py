@@ -114,6 +114,16 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(name, two_rank_r
     assert json.loads((two_rank_runs / name / "summary.json").read_text())["processes"] == 2
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc (Linux)")
+def test_a_data_parallel_process_has_no_process_group_threads_left_at_exit(two_rank_runs):
+    # a gloo worker thread alive while the interpreter shuts down may still be releasing the last
+    # collective's tensors, which needs the interpreter: the rank then aborts (SIGABRT) after the
+    # run finished; the group is destroyed at exit, which joins those threads first
+    for rank in range(2):
+        names = (two_rank_runs / f"threads-at-exit-rank{rank}.txt").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
+
+
 def test_shards_cover_the_batch_once_and_scale_the_mean():
     for total in (2, 3, 15, 16):
         parts = [shard_range(total, r, 2) for r in range(2)]
@@ -148,7 +158,7 @@ def _cli_cfg(tmp_path: Path, **over) -> Path:
 
 def test_train_nproc_launches_torchrun_and_resume_continues(tmp_path):
     cfg = _cli_cfg(tmp_path, epochs=1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = [sys.executable, "-m", "creditlab", "train", "--config", str(cfg), "--quiet", "--nproc", "2"]
     r = subprocess.run(run + ["--out", str(tmp_path / "a")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -24,11 +24,17 @@ size and :func:`noise_like` is ``torch.randn_like``: single-process numbers are 
 
 :class:`Distributed` holds the process group of a ``torchrun`` launch (``gloo`` on CPU,
 ``nccl`` on CUDA) with its timeout, reduces gradients, sums metrics and compares a bit-level
-checksum of parameters and state across ranks.
+checksum of parameters and state across ranks. The group it creates lives as long as the
+process (one train run or several) and is destroyed once, before the interpreter shuts down
+(:meth:`Distributed.close`, registered with :mod:`atexit`): a gloo group left alive at exit still
+has worker threads that may be releasing the last collective's tensors, which needs the
+interpreter, and one doing so while it finalizes aborts the process (``terminate called without
+an active exception``, SIGABRT) after the run has finished.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -142,10 +148,24 @@ class Distributed:
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
         self.device = self.device_for(device, int(os.environ.get("LOCAL_RANK", "0")))
-        if not dist.is_initialized():  # env:// rendezvous (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, ...)
+        self.dist = dist
+        self.owns_group = not dist.is_initialized()
+        if self.owns_group:  # env:// rendezvous (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, ...)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        self.dist = dist
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """Destroy the process group this object created (once; later calls do nothing). It
+        runs at process exit, while the interpreter is whole: destroying the group joins its
+        worker threads, so none is left to release a collective's tensors during interpreter
+        shutdown. Every collective here is waited for and all ranks run the same ones, so a rank
+        that got here has no exchange left with the others; a rank that stops on an error just
+        closes its connections, and a peer still waiting on it fails at once instead of hanging.
+        A group created by someone else is theirs to destroy."""
+        if self.owns_group and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        self.owns_group = False
 
     @staticmethod
     def device_for(name: str, local_rank: int) -> torch.device:
