@@ -108,17 +108,17 @@ class SignSymmetry(FeedbackAlignment):
                 self.scale[name] = init_std(self.init, layer.weight, fan_in, fan_out)
         return {}  # B is formed from W's signs at every step
 
-    @torch.no_grad()
     def _draw(self, layer: nn.Module, std: float) -> Tensor:
-        """|R| for one layer: R from ``init`` (``like``: uniform with standard deviation ``std``)."""
+        """|R| for one layer: R from ``init`` (``like``: uniform with standard deviation ``std``).
+        (No autograd: a fresh tensor filled in place; ``init_weight_`` runs under no_grad.)"""
         m = torch.empty_like(layer.weight, requires_grad=False)
         if self.init == "like":
             return m.uniform_(0.0, std * math.sqrt(3.0))  # |U(-a, a)| = U(0, a)
         fan_in, fan_out = layer_fans(layer)
         return init_weight_(m, self.init, fan_in=fan_in, fan_out=fan_out).abs_()
 
-    @torch.no_grad()
     def feedback(self, name: str, layer: nn.Module) -> Tensor:
+        # no autograd to disable: every operand is detached (called in the backward pass, per layer)
         sign = torch.sign(layer.weight.detach())
         if self.variant == "usf":
             b = sign.mul_(self.scale[name])
