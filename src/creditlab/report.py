@@ -46,8 +46,9 @@ from typing import Any, Iterable
 from creditlab import stats
 
 REPORT = "report.html"
-#: below this (degrees) at every logged step a layer's update is taken as backprop's own
-SAME_AS_BP_DEG = 1e-3
+#: a layer whose mean angle to backprop (over the logged steps) is at most this many degrees
+#: updates as backprop does (the runs' ``angle_tolerance_deg`` when they record it)
+EXACT_DEG = 0.01
 #: step-record keys that are feedback alignment (the key's last part before ``/<layer>``)
 FEEDBACK_METRICS = {
     "feedback_angle_deg": "angle between B and W (deg)",
@@ -217,24 +218,44 @@ def layer_angles(steps: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def differing_layers(runs: list[RunData]) -> list[str]:
-    """Layers whose angle to backprop exceeds :data:`SAME_AS_BP_DEG` at some logged step of
-    some seed: where the algorithm's update is not backprop's own."""
-    seen: dict[str, bool] = {}
+def layer_means(run: RunData) -> dict[str, float]:
+    """Per layer, the run's mean angle to backprop over its logged steps: the summary's
+    ``layer_angles_deg`` when it has it, else computed from the step records."""
+    rec = run.summary.get("layer_angles_deg")
+    if isinstance(rec, dict) and rec:
+        return {str(k): v for k, v in ((k, _num(v)) for k, v in rec.items()) if v is not None}
+    return {layer: m for layer, vals in layer_angles(run.steps).items() if (m := stats.mean(vals)) is not None}
+
+
+def tolerance(runs: list[RunData]) -> float:
     for run in runs:
-        for layer, vals in layer_angles(run.steps).items():
-            seen[layer] = seen.get(layer, False) or any(v > SAME_AS_BP_DEG for v in vals)
-    return [layer for layer, differs in seen.items() if differs]
+        tol = _num(run.summary.get("angle_tolerance_deg"))
+        if tol is not None:
+            return tol
+    return EXACT_DEG
+
+
+def differing_layers(runs: list[RunData], tol: float) -> list[str]:
+    """The layers whose angle to backprop, averaged over the logged steps and then over the
+    seeds, exceeds ``tol``: where the algorithm's update is not backprop's (as ``compare``'s
+    summary decides it)."""
+    per_seed = [layer_means(r) for r in runs]
+    layers = list(dict.fromkeys(layer for d in per_seed for layer in d))
+    return [layer for layer in layers if (stats.mean(d.get(layer) for d in per_seed) or 0.0) > tol]
 
 
 def mean_differing_angle(run: RunData, layers: list[str]) -> float | None:
-    per = layer_angles(run.steps)
-    means = [stats.mean(per[layer]) for layer in layers if per.get(layer)]
-    return stats.mean(means)
+    """The run's mean angle over ``layers`` (over every layer when ``layers`` is empty)."""
+    per = layer_means(run)
+    return stats.mean(per.get(layer) for layer in (layers or list(per)))
 
 
 def epoch_times(run: RunData) -> tuple[float | None, float | None]:
-    """(median epoch time excluding the first epoch, first-epoch time) in seconds."""
+    """(median epoch time excluding the first epoch, first-epoch time) in seconds: the
+    summary's ``epoch_seconds_median`` and ``first_epoch_seconds`` when it has them, else
+    computed from the epoch records."""
+    if "first_epoch_seconds" in run.summary:
+        return _num(run.summary.get("epoch_seconds_median")), _num(run.summary.get("first_epoch_seconds"))
     secs = run.epoch_seconds()
     if not secs:
         return None, None
@@ -381,7 +402,7 @@ def figure_curves(groups: dict[str, list[RunData]], metrics: list[tuple[str, str
     return _png(fig)
 
 
-def _layer_figure(groups: dict[str, list[RunData]], extract, ylabel: str, skip_flat: bool = False) -> str | None:
+def _layer_figure(groups: dict[str, list[RunData]], extract, ylabel: str, skip_flat: float | None = None) -> str | None:
     """One panel per algorithm, one line (seed mean, std band) per layer, x = logged step."""
     panels = []
     for algo, runs in groups.items():
@@ -389,7 +410,7 @@ def _layer_figure(groups: dict[str, list[RunData]], extract, ylabel: str, skip_f
         layers = sorted({layer for d in per_seed for layer in d})
         if not layers:
             continue
-        if skip_flat and all(max(ys, default=0.0) <= SAME_AS_BP_DEG for d in per_seed for _, ys in d.values()):
+        if skip_flat is not None and all(max(ys, default=0.0) <= skip_flat for d in per_seed for _, ys in d.values()):
             continue
         panels.append((algo, per_seed, layers))
     if not panels:
@@ -678,7 +699,8 @@ def comparison_page(out: Path, kind: str) -> str:
     # ---- summary table
     pub_block = cfg.get("published") if isinstance(cfg.get("published"), dict) else {}
     leaves = _published_leaves(pub_block)
-    diff_layers = {a: differing_layers(rs) for a, rs in groups.items()}
+    tol = tolerance(runs)
+    diff_layers = {a: differing_layers([r for r in rs if r.status == "ok"], tol) for a, rs in groups.items()}
     head = ["algorithm", "n seeds", "diverged", f"test {w['label']}{w['unit']} (last epoch)",
             f"val {w['label']}{w['unit']}", f"test {w['label']}{w['unit']} at the validation-selected epoch",
             "selected epoch", "s / epoch (median, excl. the first epoch)", "first epoch (s)",
@@ -691,9 +713,10 @@ def comparison_page(out: Path, kind: str) -> str:
         div = [r for r in rs if r.status == "diverged"]
         times = [epoch_times(r) for r in ok]
         layers = diff_layers[algo]
-        angle = (mean_pm_std([mean_differing_angle(r, layers) for r in ok])
-                 + f'<br><span class="note">{_e(", ".join(layers))}</span>') if layers else (
-            "0 (backprop's update at every layer)" if any(layer_angles(r.steps) for r in rs) else "-")
+        has_angles = any(layer_means(r) for r in ok)
+        angle = "-" if not has_angles else mean_pm_std([mean_differing_angle(r, layers) for r in ok]) + (
+            f'<br><span class="note">over {_e(", ".join(layers))}</span>' if layers else
+            '<br><span class="note">no layer differs: mean over all</span>')
         pubs = _published_for(algo, algos, leaves)
         pub = "<br>".join(f"{_e(_show_value(p['value']))} ({_e(p['kind'] or '-')}; <code>{_e(p['path'])}</code>)"
                           for p in pubs) or "-"
@@ -713,7 +736,7 @@ def comparison_page(out: Path, kind: str) -> str:
              f"alone). The validation split selects the epoch ({w['better']} validation {w['label']} is better); "
              "the test set is never used to select anything. Epoch times: the median over epochs 2 and later "
              "(the first includes warm-up), and the first epoch alone. A layer \"differs\" from backprop when its "
-             f"angle exceeds {SAME_AS_BP_DEG} deg at some logged step.</p>",
+             f"angle, averaged over the logged steps and the seeds, exceeds {tol:g} deg.</p>",
              _table(head, rows, cls="summary")]
     div_msgs = [r for r in runs if r.status == "diverged" and r.message]
     if div_msgs:
@@ -777,18 +800,20 @@ def comparison_page(out: Path, kind: str) -> str:
 
     # ---- angles
     body.append('<h2 id="angles">Angle to backprop, per layer</h2>')
-    all_layers = sorted({layer for rs in groups.values() for r in rs for layer in layer_angles(r.steps)})
+    all_layers = list(dict.fromkeys(layer for rs in groups.values() for r in rs for layer in layer_means(r)))
     if all_layers:
         arows = []
         for algo in algos:
-            per_seed = [layer_angles(r.steps) for r in groups[algo]]
-            cells = [mean_pm_std([stats.mean(d[layer]) for d in per_seed if d.get(layer)]) for layer in all_layers]
+            per_seed = [layer_means(r) for r in groups[algo] if r.status == "ok"]
+            cells = [("<b>{}</b>" if layer in diff_layers[algo] else "{}").format(
+                mean_pm_std([d.get(layer) for d in per_seed])) for layer in all_layers]
             arows.append([f"<code>{_e(algo)}</code>"] + cells)
         body.append('<p class="note">Angle (deg) between each layer\'s update and backprop\'s on the same batch, '
-                    "averaged over the logged steps, then mean ± std over seeds.</p>")
+                    "averaged over the logged steps, then mean ± std over the finished seeds; bold: the layers "
+                    "that differ from backprop.</p>")
         body.append(_table(["algorithm"] + [f"<code>{_e(layer)}</code>" for layer in all_layers], arows,
                            cls="angles"))
-        fig = _layer_figure(groups, _angle_series, "angle to backprop (deg)", skip_flat=True)
+        fig = _layer_figure(groups, _angle_series, "angle to backprop (deg)", skip_flat=tol)
         body.append(_figure(fig, "angles", "Per-layer angle to backprop over training (algorithms whose update is "
                                            "backprop's at every layer are left out)."))
     else:
