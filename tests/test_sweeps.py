@@ -15,7 +15,11 @@ from creditlab.errors import ConfigError
 CFG = {"dataset": "fake:n=256,classes=3,shape=1x4x4", "model": {"arch": "16-8-3", "act": "tanh"},
        "algos": ["bp", "fa"], "seeds": [0, 1], "optimizer": {"name": "sgd", "lr": 0.05}, "epochs": 2,
        "batch_size": 32, "log_every": 5, "threads": 1}
-TIMING = ("seconds_per_epoch", "seconds_per_epoch_mean", "seconds")
+TIMING = ("seconds_per_epoch", "seconds_per_epoch_mean", "seconds_per_epoch_std", "seconds", "epoch_seconds_median",
+          "epoch_seconds_median_mean", "epoch_seconds_median_std", "first_epoch_seconds", "first_epoch_seconds_mean",
+          "first_epoch_seconds_std",
+          # provenance: the machine and code, not the numbers (threads and git state may differ between runs)
+          "environment", "environment_varies")
 
 
 def _config(tmp_path, **over) -> str:
@@ -25,7 +29,8 @@ def _config(tmp_path, **over) -> str:
 
 
 def _untimed(obj):
-    """The object without wall-clock figures (the only thing allowed to differ between runs)."""
+    """The object without wall-clock figures and provenance (the only things allowed to differ
+    between runs); the per-seed timings under ``seed_values`` too."""
     if isinstance(obj, dict):
         return {k: _untimed(v) for k, v in obj.items() if k not in TIMING}
     if isinstance(obj, list):

@@ -33,6 +33,8 @@ Schema (every key, with its default; ``null`` = unset)::
       check_every: 100            #   steps between cross-rank checksums of parameters and state (0: never)
       timeout_s: 600              #   collective timeout: a dead or stuck rank ends the job after this
     log_every: 100                # steps between logged losses/angles; 0 disables angles
+    logging: {tensorboard: false, loggers: []}  # TensorBoard event files in the run directory (--tensorboard;
+                                  #   pip install -e ".[tensorboard]"); loggers: [package.module:factory] (creditlab/loggers.py)
     threads: null                 # torch intra-op threads (null: torch's default)
     search: null                  # creditlab search: {sampler: random|tpe, space: {NAME: DIST}};
                                   #   DIST = [loguniform, LO, HI] | [uniform, LO, HI] | [choice, [V, ...]];
@@ -87,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "distributed": {"check_every": 100, "timeout_s": 600},
     "log_every": 100,
+    "logging": {"tensorboard": False, "loggers": []},
     "threads": None,
     "search": None,
     "published": {},
@@ -99,13 +102,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "task": (str,), "augment": (dict, type(None)), "model": (dict,), "loss": (str, dict), "algo": (str,),
     "algos": (list,), "optimizer": (dict,), "epochs": (int,), "batch_size": (int,), "seed": (int,),
     "seeds": (list,), "dtype": (str,), "device": (str,), "deterministic": (bool,), "distributed": (dict,),
-    "log_every": (int,), "threads": (int, type(None)), "search": (dict, type(None)), "published": (dict,), "notes": (str,),
+    "log_every": (int,), "logging": (dict,), "threads": (int, type(None)), "search": (dict, type(None)), "published": (dict,), "notes": (str,),
 }
 _MODEL_TYPES = {"arch": (str, list, type(None)), "act": (str, list), "out_act": (str,), "bias": (bool,),
                 "init": (str,), "name": (str, type(None)), "options": (dict,)}
 _OPT_TYPES = {"name": (str,), "lr": (int, float), "momentum": (int, float), "betas": (list,),
               "eps": (int, float), "weight_decay": (int, float)}
 _DIST_TYPES = {"check_every": (int,), "timeout_s": (int, float)}
+_LOGGING_TYPES = {"tensorboard": (bool,), "loggers": (list,)}
 _AUGMENT = {"crop_pad": 0, "flip": "none"}
 _AUGMENT_TYPES = {"crop_pad": (int,), "flip": (str,)}
 _SEARCH = {"space": None, "sampler": "random"}
@@ -310,6 +314,7 @@ def _resolve(raw: dict) -> dict:
     cfg["model"] = _merge(DEFAULTS["model"], raw.get("model", {}), "model.", _MODEL_TYPES)
     cfg["optimizer"] = _merge(DEFAULTS["optimizer"], raw.get("optimizer", {}), "optimizer.", _OPT_TYPES)
     cfg["distributed"] = _merge(DEFAULTS["distributed"], cfg["distributed"], "distributed.", _DIST_TYPES)
+    cfg["logging"] = _merge(DEFAULTS["logging"], cfg["logging"], "logging.", _LOGGING_TYPES)
     if cfg["augment"] is not None:
         cfg["augment"] = _merge(_AUGMENT, cfg["augment"], "augment.", _AUGMENT_TYPES)
     if cfg["search"] is not None:
@@ -340,6 +345,8 @@ def validate(cfg: dict) -> None:
     _check(cfg["log_every"] >= 0, "log_every", f"log_every={cfg['log_every']} must be >= 0 (0 disables angle logging)")
     _check(cfg["distributed"]["check_every"] >= 0 and cfg["distributed"]["timeout_s"] > 0, "distributed",
            f"distributed={cfg['distributed']}: check_every must be >= 0 (0: never) and timeout_s > 0")
+    _check(all(isinstance(n, str) and ":" in n for n in cfg["logging"]["loggers"]), "logging.loggers",
+           f"logging.loggers={cfg['logging']['loggers']} must list package.module:factory names")
     _check(cfg["threads"] is None or cfg["threads"] >= 1, "threads",
            f"threads={cfg['threads']} must be >= 1 (torch threads per run) or null (torch's default)")
     _check(cfg["task"] in ("classify", "autoencode"), "task", f"task={cfg['task']!r}; valid: classify, autoencode")

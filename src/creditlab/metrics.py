@@ -1,16 +1,22 @@
 """A run's metrics on disk: ``metrics.jsonl`` (one JSON object per logged step and per
 epoch, appended as the run goes, truncated on resume to what the checkpoint had seen),
-``metrics.csv`` (the epoch rows), the per-run plots, and the terminal progress output."""
+``metrics.csv`` (the epoch rows), the per-run plots, and the terminal progress output.
+
+:class:`MetricsWriter` is the always-on :class:`creditlab.loggers.Logger`; TensorBoard and
+user loggers sit beside it (:func:`creditlab.loggers.open_loggers`)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 
 class MetricsWriter:
-    """Appends JSON lines; on resume truncates to what the checkpoint had seen."""
+    """Appends JSON lines; on resume truncates to what the checkpoint had seen. A
+    :class:`creditlab.loggers.Logger`: step and epoch records are lines of ``metrics.jsonl``
+    (the config is ``config.yaml``, written by the loop)."""
 
     def __init__(self, path: Path, keep_lines: int | None):
         self.path = path
@@ -28,6 +34,15 @@ class MetricsWriter:
         self.f.flush()
         self.lines += 1
 
+    def log_config(self, cfg: dict) -> None:
+        pass
+
+    def log_step(self, record: dict) -> None:
+        self.write(record)
+
+    def log_epoch(self, record: dict) -> None:
+        self.write(record)
+
     def close(self) -> None:
         self.f.close()
 
@@ -38,6 +53,15 @@ class NullWriter:
     lines = 0
 
     def write(self, record: dict) -> None:
+        pass
+
+    def log_config(self, cfg: dict) -> None:
+        pass
+
+    def log_step(self, record: dict) -> None:
+        pass
+
+    def log_epoch(self, record: dict) -> None:
         pass
 
     def close(self) -> None:
@@ -58,11 +82,21 @@ def angles_from(path: Path) -> list[dict]:
 
 
 def progress_bar(it, enabled: bool, desc: str):
-    if not enabled:
+    """A tqdm bar over ``it`` on a terminal; ``it`` itself when disabled or when stderr is not
+    a terminal (a log file, a batch job): there the epoch report line, one per epoch, is the
+    progress, not hundreds of carriage-return updates."""
+    if not enabled or not _is_terminal(sys.stderr):
         return it
     from tqdm import tqdm
 
     return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def report_epoch(record: dict) -> None:
@@ -80,9 +114,12 @@ def write_csv(path: Path, history: list[dict]) -> None:
             w.writerow({k: h.get(k, "") for k in keys})
 
 
-def write_plots(out: Path, history: list[dict], step_rows: list[dict]) -> None:
+def write_plots(out: Path, history: list[dict], step_rows: list[dict], title: str = "") -> None:
+    """The per-run plots: ``accuracy.png`` (train/val/test per epoch; loss for autoencoders)
+    and ``angles.png`` (per-layer angle to backprop per logged step), titled ``title``
+    (algorithm, seed, dataset)."""
     from creditlab.plots import plot_angles, plot_curves
 
-    plot_curves(out / "accuracy.png", {"": history})
+    plot_curves(out / "accuracy.png", {"": history}, title=title)
     if step_rows:
-        plot_angles(out / "angles.png", step_rows)
+        plot_angles(out / "angles.png", step_rows, title=title)

@@ -7,10 +7,12 @@ the validation and test splits, a checkpoint (atomic), metrics. The loop never b
 algorithm.
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged
-step and per epoch), ``metrics.csv`` (the epoch rows), ``summary.json``, ``checkpoint.pt`` and
-PNG plots. ``resume=True`` continues from the checkpoint (saved at every epoch end and on
-Ctrl-C) and ends with the same numbers as an uninterrupted run: batch order and augmentation
-are functions of (seed, epoch, step), and the RNG state is checkpointed.
+step and per epoch), ``metrics.csv`` (the epoch rows), ``summary.json`` (see :func:`_summary`),
+``checkpoint.pt``, PNG plots and, with ``logging: {tensorboard: true}``, TensorBoard event
+files. The records go through :class:`creditlab.loggers.Logger` objects (metrics.jsonl always).
+``resume=True`` continues from the checkpoint (saved at every epoch end and on Ctrl-C) and ends
+with the same numbers as an uninterrupted run: batch order and augmentation are functions of
+(seed, epoch, step), and the RNG state is checkpointed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,12 +37,15 @@ from creditlab.build import DTYPES, build_all, build_data
 from creditlab.devices import resolve_device
 from creditlab.data import Dataset, augment_batch, batch_indices, epoch_generator, iterate
 from creditlab.distributed import Distributed, Shard, in_launch, shard_range, stochastic_modules, use_shard
-from creditlab.diagnostics.angles import backprop_grads, current_updates, layer_angles, mean_angle
+from creditlab.diagnostics.angles import (EXACT_DEG, backprop_grads, current_updates, differing_layers, layer_angles,
+                                          layer_means, mean_angle, mean_over)
 from creditlab.errors import CreditlabError, DivergenceError
 from creditlab.interrupt import Interrupted, StopRequested, StopSignals, signal_name
 from creditlab.losses import Loss
 from creditlab.rng import global_rng_state, set_global_rng_state
+from creditlab.loggers import LoggerGroup, check_loggers, open_loggers
 from creditlab.metrics import MetricsWriter, NullWriter, angles_from, progress_bar, report_epoch, write_csv, write_plots
+from creditlab.provenance import environment
 from creditlab.rundir import (CHECKPOINT, RunLock, check_out_dir, check_resume, check_signature, holds_run,
                               model_signature, prepare, read_checkpoint, save_checkpoint, write_json, writing)
 
@@ -119,7 +125,24 @@ def shadow_backprop(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, rng_befo
 
 
 def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool,
-             processes: int = 1) -> dict:
+             processes: int = 1, layer_log: list[dict] | None = None, env: dict | None = None) -> dict:
+    """A run's ``summary.json``: ``algo``, ``dataset``, ``seed``, ``epochs`` (done),
+    ``finished``, ``processes`` (data-parallel runs only); the last epoch's ``train_/val_/
+    test_accuracy`` and ``_loss``; the validation-selected epoch (``best_val_accuracy``,
+    ``best_val_epoch``, ``test_accuracy_at_best_val``; ``best_test_accuracy_over_training``);
+    and
+
+    * ``seconds_per_epoch``: mean training time over every epoch (the first one's warm-up
+      included; kept for older tables); ``epoch_seconds_median``: the median over epochs 2..N
+      (None with one epoch); ``first_epoch_seconds``: epoch 1's time, apart;
+    * ``mean_angle_deg``: angle to backprop averaged over the logged steps and every layer
+      (the output layer included, 0 by construction for most algorithms);
+      ``layer_angles_deg``: per layer, the mean over the logged steps; ``differing_layers``:
+      the layers whose mean exceeds ``angle_tolerance_deg`` (:data:`EXACT_DEG`), where the
+      algorithm's update differs from backprop's; ``mean_angle_differing_deg``: the mean of
+      ``layer_angles_deg`` over them (over every layer when none differs);
+    * ``environment``: the code, machine and data files (:func:`creditlab.provenance.environment`).
+    """
     s: dict[str, Any] = {"algo": algo.spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
                          "epochs": len(history), "finished": finished}
     if processes > 1:
@@ -127,6 +150,9 @@ def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float
     if history:
         last = history[-1]
         s["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
+        later = sorted(h["seconds"] for h in history[1:])
+        s["epoch_seconds_median"] = statistics.median(later) if later else None
+        s["first_epoch_seconds"] = history[0]["seconds"]
         for key in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss"):
             if key in last:
                 s[key] = last[key]
@@ -143,7 +169,22 @@ def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float
             s["test_loss_at_best_val"] = best["test_loss"]
     finite = [a for a in angles if not math.isnan(a)]
     s["mean_angle_deg"] = sum(finite) / len(finite) if finite else None
+    means = layer_means(layer_log or [])
+    s["layer_angles_deg"] = means
+    s["differing_layers"] = differing_layers(means)
+    s["mean_angle_differing_deg"] = mean_over(means, s["differing_layers"])
+    s["angle_tolerance_deg"] = EXACT_DEG
+    if env is not None:
+        s["environment"] = env
     return s
+
+
+def _stored_environment(out: Path) -> dict | None:
+    """The ``environment`` of a run's existing summary.json (a finished run asked again)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("environment")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 _DIST: Distributed | None = None
@@ -216,6 +257,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
     cfg = config_mod.resolve(cfg)
     out = Path(out_dir)
     check_out_dir(out)
+    check_loggers(cfg)  # e.g. TensorBoard asked for and not installed: one line, before anything is written
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     set_deterministic(cfg["deterministic"])
@@ -245,7 +287,9 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             if rank0:
                 print(f"creditlab: {out} is a finished run of {cfg['epochs']} epochs; nothing to train (to train "
                       f"it further: --resume --epochs N with N > {cfg['epochs']})", file=sys.stderr, flush=True)
-            summary = _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world)
+            env = _stored_environment(out) or environment(cfg)  # the trained run's, if its summary is there
+            summary = _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world,
+                               layer_log=_layer_log(ck, out), env=env)
             if rank0 and not (out / "summary.json").exists():  # e.g. lost with a killed job's last write
                 write_json(out / "summary.json", summary)
             return summary
@@ -271,7 +315,7 @@ def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
                                  "again with --overwrite (without --resume)")
         raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
     ck = read_checkpoint(ck_path)
-    check_resume(ck.get("config") or "", cfg, extend, out)
+    check_resume(*_without_logging(ck.get("config") or "", cfg), extend, out)
     if ck.get("processes", 1) != world:
         raise CreditlabError(f"--resume: {out} was trained with {ck.get('processes', 1)} process(es), this is "
                              f"{world}; resume with --nproc {ck.get('processes', 1)} (the rounding of the batch "
@@ -281,6 +325,25 @@ def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
         print(f"creditlab: extending the run in {out} from {stored} to {cfg['epochs']} epochs", file=sys.stderr,
               flush=True)
     return ck
+
+
+def _without_logging(stored_text: str, cfg: dict) -> tuple[str, dict]:
+    """The stored config's text and ``cfg`` without ``logging``, for the resume check: where
+    the numbers are logged never changes them (a run trained without TensorBoard resumes with
+    it, and a run from before the key existed resumes at all)."""
+    stored = yaml.safe_load(stored_text) or {}
+    if isinstance(stored, dict):
+        stored.pop("logging", None)
+    return config_mod.dump(stored), {k: v for k, v in cfg.items() if k != "logging"}
+
+
+def _layer_log(ck: dict, out: Path) -> list[dict]:
+    """The per-layer angles of every logged step so far: the checkpoint's, or, from a
+    checkpoint written before it kept them, the step rows of metrics.jsonl (truncated to it)."""
+    if "layer_angles" in ck:
+        return list(ck["layer_angles"])
+    rows = angles_from(out / "metrics.jsonl")
+    return [r["angles"] for r in rows[:len(ck.get("angles", []))]]
 
 
 def _finished(ck: dict, cfg: dict) -> bool:
@@ -306,6 +369,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
     check_every = cfg["distributed"]["check_every"] if dd is not None else 0
     ck_path = out / CHECKPOINT
     start_epoch, start_step, global_step, history, angles, keep = 0, 0, 0, [], [], None
+    layer_log: list[dict] = []  # {layer: angle} per logged step (the summary's per-layer angles)
     partial: list = [0.0, 0.0, 0, 0]  # an interrupted epoch's time, loss sum, correct, seen
     if ck is not None:
         check_signature(ck, ck_path, model)
@@ -315,9 +379,16 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         set_global_rng_state(ck["rng"])
         start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
+        layer_log = _layer_log(ck, out) if rank0 or "layer_angles" in ck else []
     if rank0:
         (out / "config.yaml").write_text(config_mod.dump(cfg))
+    env = environment(cfg, device, data) if rank0 else None
     metrics = MetricsWriter(out / "metrics.jsonl", keep) if rank0 else NullWriter()
+    try:
+        log = open_loggers(cfg, out, metrics, global_step if ck is not None else None) if rank0 else LoggerGroup([metrics])
+    except BaseException:
+        metrics.close()
+        raise
     checked = checked_parameters(model, algo)
     augmenting = bool(cfg["augment"] and cfg["augment"]["crop_pad"] + (cfg["augment"]["flip"] != "none"))
 
@@ -328,7 +399,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
             "partial": partial,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
             "rng": global_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "history": history, "angles": angles, "metrics_lines": metrics.lines,
+            "history": history, "angles": angles, "layer_angles": layer_log, "metrics_lines": metrics.lines,
             "signature": model_signature(model), "model_spec": str(getattr(model, "spec", lambda: "")()),
             "config": config_mod.dump(cfg), "processes": world,
         })
@@ -351,6 +422,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
     stop = StopSignals(deferred=dd is None)
     try:
         stop.install()
+        log.log_config(cfg)
         for epoch in range(start_epoch, cfg["epochs"]):
             algo.on_epoch_start(epoch)
             model.train()
@@ -397,8 +469,9 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                     if log_now:
                         m = mean_angle(rows)
                         angles.append(m)
+                        layer_log.append({r["name"]: r["angle_deg"] for r in rows})
                         step_loss = float(res.loss) if dd is None else dd.sum_floats([float(res.loss)])[0]
-                        metrics.write({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
+                        log.log_step({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
                                        **res.extras, **algo.diagnostics()})
                     stop.check()  # at a step boundary: the checkpoint below is consistent
@@ -429,9 +502,10 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                     for k, v in evaluate(model, loss, x, y, cfg, dd=dd).items():
                         record[f"{split}_{k}"] = v
             history.append(record)
-            metrics.write(record)
+            log.log_epoch(record)
             checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
-            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world)
+            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world,
+                               layer_log=layer_log, env=env)
             if rank0:
                 write_json(out / "summary.json", summary)
                 if progress:
@@ -442,12 +516,13 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         raise
     finally:
         stop.restore()
-        metrics.close()
+        log.close()
         if history and not interrupted and rank0:
             write_csv(out / "metrics.csv", history)
-            write_plots(out, history, angles_from(out / "metrics.jsonl"))
+            write_plots(out, history, angles_from(out / "metrics.jsonl"),
+                        title=f"{algo.spec}, seed {cfg['seed']}, {cfg['dataset']}")
     if not summary:
-        summary = _summary(cfg, algo, history, angles, finished=True, processes=world)
+        summary = _summary(cfg, algo, history, angles, finished=True, processes=world, layer_log=layer_log, env=env)
         if rank0:
             write_json(out / "summary.json", summary)
     return summary

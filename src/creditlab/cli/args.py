@@ -68,6 +68,8 @@ def _overrides(args) -> list[Override]:
         out.append(Override("seeds", _ints(args.seeds), f"--seeds {args.seeds}"))
     if getattr(args, "deterministic", False):
         out.append(Override("deterministic", True, "--deterministic"))
+    if getattr(args, "tensorboard", False):
+        out.append(Override("logging.tensorboard", True, "--tensorboard"))
     model, arch = getattr(args, "model", None), getattr(args, "arch", None)
     if model is not None and arch is not None:
         raise ConfigError(f"--model {model} --arch {arch}: give one (--model names a model, --arch builds an MLP "

@@ -196,9 +196,9 @@ def cmd_relax(args) -> int:
         (out / "relax.json").write_text(json.dumps(res))
         ref = str(0.1 if 0.1 in etas else etas[0])
         layers = res["layers"][ref]
-        plot_relaxation(out / "relax_layers.png", {f"x^{l + 1}": [row[l] for row in layers] for l in range(len(layers[0]))},
-                        f"eta = {ref} ({args.schedule})")
-        plot_relaxation(out / "relax_etas.png", {f"eta = {e}": res["mean"][e] for e in res["mean"]}, "mean over layers")
+        plot_relaxation(out / "relax_layers.png", {rf"$x^{{{l + 1}}}$": [row[l] for row in layers] for l in range(len(layers[0]))},
+                        rf"$\eta$ = {ref} ({args.schedule})")
+        plot_relaxation(out / "relax_etas.png", {rf"$\eta$ = {e}": res["mean"][e] for e in res["mean"]}, "mean over layers")
     if args.json:
         print(json.dumps(res))
     else:

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--algo", help="algorithm spec (config key algo), e.g. ar:steps=100,eta=0.1; see creditlab list")
     t.add_argument("--seed", type=int, dest="config_seed", metavar="SEED", help="seed of the run (config key seed)")
     t.add_argument("--nproc", type=int, help="data-parallel processes on this machine (runs torchrun --standalone)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into the run directory (config key logging.tensorboard; "
+                        'needs pip install -e ".[tensorboard]"); view with tensorboard --logdir OUT')
     t.add_argument("--overwrite", action="store_true", help=overwrite_help)
     t.set_defaults(fn=cmd_train)
 
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel local processes (threads each: the config's, else cores // jobs); same numbers as serial")
     c.add_argument("--plan", metavar="DIR", help="write each run's config and one command line per run into "
                                                  "DIR/commands.txt (for a job array) instead of running; then collect DIR")
+    c.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into every run's directory (config key logging.tensorboard; "
+                        'needs pip install -e ".[tensorboard]"); view with tensorboard --logdir OUT')
     c.add_argument("--overwrite", action="store_true", help=overwrite_help)
     c.set_defaults(fn=cmd_compare)
 

@@ -15,7 +15,7 @@ the test set is only ever evaluated, never used to select anything.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from creditlab.data import files
-from creditlab.data.readers import IDX_IMAGES, IDX_LABELS, read_cifar100, read_cifar_batches, read_cifar_npz, read_idx
+from creditlab.data.readers import (CIFAR_TEST_BATCH, CIFAR_TRAIN_BATCHES, IDX_IMAGES, IDX_LABELS, read_cifar100,
+                                    read_cifar_batches, read_cifar_npz, read_idx)
 from creditlab.errors import ConfigError, DataError
 from creditlab.spec import check_options, parse_spec
 
@@ -38,7 +39,13 @@ MNIST_MINI_MD5 = "8e832fdbc5feebaeaf0490e85765854b"  # md5 of the shipped file (
 
 @dataclass
 class Dataset:
-    """Float images in [0, 1] (N, C, H, W) and int64 labels, split into train/val/test."""
+    """Float images in [0, 1] (N, C, H, W) and int64 labels, split into train/val/test.
+
+    ``provenance``: the files the data was read from, file name -> md5 (hex) of its bytes, as
+    verified against the published checksum (MNIST, Fashion-MNIST, the CIFAR tarballs) or the
+    shipped one (``mnist_mini.npz``), or computed on reading where none is published
+    (``cifar10.npz``, extracted folders: ``provenance_verified`` is then False); the fake
+    dataset has ``{"generated": <its spec string>}`` (and ``provenance_verified`` None)."""
 
     name: str
     x_train: Tensor
@@ -48,6 +55,8 @@ class Dataset:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    provenance: dict[str, str] = field(default_factory=dict)
+    provenance_verified: bool | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -96,29 +105,44 @@ def _load_idx_set(name: str, specs, data_dir, allow_download: bool):
     return x_tr, y_tr, x_te, y_te
 
 
+def _computed(paths: list[Path]) -> tuple[dict[str, str], bool]:
+    """Provenance of files without a published checksum: the md5 of each, computed here."""
+    return {p.name: files.md5sum(p) for p in paths}, False
+
+
+def _published(specs) -> tuple[dict[str, str], bool]:
+    """Provenance of files verified against their published md5 (ensure_files did)."""
+    return {s.name: s.md5 for s in specs}, True
+
+
 def _load_cifar10(data_dir, allow_download: bool):
+    """The CIFAR-10 arrays and their provenance (see :class:`Dataset`)."""
     for d in files.candidate_dirs("cifar10", data_dir):
         if (d / "cifar10.npz").is_file():
             a = read_cifar_npz(d / "cifar10.npz")
-            return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+            return (a["x_train"], a["y_train"], a["x_test"], a["y_test"]), _computed([d / "cifar10.npz"])
         if (d / "cifar-10-batches-py").is_dir():
             a = read_cifar_batches(d / "cifar-10-batches-py")
-            return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+            names = (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)
+            return (a["x_train"], a["y_train"], a["x_test"], a["y_test"]), \
+                _computed([d / "cifar-10-batches-py" / n for n in names])
         if (d / files.CIFAR10_TARBALL.name).is_file():
             break
     (tarball,) = files.ensure_files("cifar10", (files.CIFAR10_TARBALL,), data_dir, allow_download)
     a = read_cifar_batches(tarball)
-    return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+    return (a["x_train"], a["y_train"], a["x_test"], a["y_test"]), _published((files.CIFAR10_TARBALL,))
 
 
 def _load_cifar100(data_dir, allow_download: bool):
+    """The CIFAR-100 arrays and their provenance (see :class:`Dataset`)."""
     for d in files.candidate_dirs("cifar100", data_dir):
         if (d / "cifar-100-python").is_dir():
             a = read_cifar100(d / "cifar-100-python")
-            return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+            return (a["x_train"], a["y_train"], a["x_test"], a["y_test"]), \
+                _computed([d / "cifar-100-python" / n for n in ("train", "test")])
     (tarball,) = files.ensure_files("cifar100", (files.CIFAR100_TARBALL,), data_dir, allow_download)
     a = read_cifar100(tarball)
-    return a["x_train"], a["y_train"], a["x_test"], a["y_test"]
+    return (a["x_train"], a["y_train"], a["x_test"], a["y_test"]), _published((files.CIFAR100_TARBALL,))
 
 
 def mnist_mini_path() -> Path:
@@ -157,24 +181,31 @@ def load_dataset(name: str, data_dir=None, val_size: int | float | None = None,
     """Load ``name`` (see the module docstring) into memory; errors name the offending file."""
     base, opts = parse_spec(name)
     classes = 10
+    provenance: tuple[dict[str, str], bool | None]
     if base == "mnist":
         arrays = _load_idx_set("mnist", files.MNIST_FILES, data_dir, allow_download)
+        provenance = _published(files.MNIST_FILES)
     elif base == "fashion-mnist":
         arrays = _load_idx_set("fashion-mnist", files.FASHION_FILES, data_dir, allow_download)
+        provenance = _published(files.FASHION_FILES)
     elif base == "cifar10":
-        arrays = _load_cifar10(data_dir, allow_download)
+        arrays, provenance = _load_cifar10(data_dir, allow_download)
     elif base == "cifar100":
-        arrays, classes = _load_cifar100(data_dir, allow_download), 100
+        (arrays, provenance), classes = _load_cifar100(data_dir, allow_download), 100
     elif base == "mnist-mini":
         arrays = _load_mnist_mini()
+        provenance = {MNIST_MINI_FILE: MNIST_MINI_MD5}, True
     elif base == "fake":
         *arrays, classes = _load_fake(opts)  # type: ignore[assignment]
+        provenance = {"generated": name}, None
     else:
         raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if opts and base != "fake":
         raise ConfigError(f"dataset {base!r} takes no options (got {opts})")
     val = DEFAULT_VAL[base] if val_size is None else val_size
-    return _make(base, *arrays, val_size=val, num_classes=classes)  # type: ignore[misc]
+    data = _make(base, *arrays, val_size=val, num_classes=classes)  # type: ignore[misc]
+    data.provenance, data.provenance_verified = provenance
+    return data
 
 
 # ---------------------------------------------------------------------------------------

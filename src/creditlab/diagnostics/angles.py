@@ -87,3 +87,37 @@ def current_updates(model: nn.Module) -> dict[str, Tensor]:
 def mean_angle(rows: list[dict]) -> float:
     vals = [r["angle_deg"] for r in rows if not math.isnan(r["angle_deg"])]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+# ---- summaries over a run's logged steps --------------------------------------------------
+#: a layer whose angle to backprop, averaged over the logged steps, is at most this many degrees
+#: is taken to receive backprop's own update (e.g. the output layer under FA, DFA, KP and AR,
+#: where the error is the exact output gradient). Rounding alone leaves ~1e-6 deg in float64 and
+#: ~1e-4 deg in float32; an algorithm that truly differs is far above it.
+EXACT_DEG = 0.01
+
+
+def layer_means(step_angles: list[dict[str, float]]) -> dict[str, float | None]:
+    """Per layer, in the order logged: the mean of its angle (degrees) over the logged steps
+    (``step_angles``: one ``{layer: angle}`` per step), NaN angles (a zero update) skipped;
+    None where a layer never had a finite angle."""
+    sums: dict[str, list[float]] = {}
+    for row in step_angles:
+        for name, a in row.items():
+            vals = sums.setdefault(name, [])
+            if a is not None and not math.isnan(a):
+                vals.append(float(a))
+    return {name: (sum(v) / len(v) if v else None) for name, v in sums.items()}
+
+
+def differing_layers(means: dict[str, float | None], tol: float = EXACT_DEG) -> list[str]:
+    """The layers whose mean angle to backprop exceeds ``tol`` degrees: where the algorithm's
+    update differs from backprop's (see :data:`EXACT_DEG`)."""
+    return [name for name, m in means.items() if m is not None and m > tol]
+
+
+def mean_over(means: dict[str, float | None], layers: list[str]) -> float | None:
+    """Mean of ``means`` over ``layers``; over every layer with a value when ``layers`` is
+    empty (an algorithm that equals backprop everywhere: the mean is then below the tolerance)."""
+    vals = [means[n] for n in (layers or list(means)) if means.get(n) is not None]
+    return sum(vals) / len(vals) if vals else None  # type: ignore[arg-type]
