@@ -422,6 +422,9 @@ def _layer_figure(groups: dict[str, list[RunData]], extract, ylabel: str, skip_f
         ax.set_title(algo, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        ys = [y for d in per_seed for _, vals in d.values() for y in vals]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 1e3:  # residuals, errors: orders of magnitude apart
+            ax.set_yscale("log")
         _int_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
