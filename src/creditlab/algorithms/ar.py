@@ -214,6 +214,9 @@ class ActivationRelaxation(Algorithm):
             self.feedback = nn.ParameterList(psis)
         self.last_trace: list[list[float]] | None = None
         self._verified = False
+        self._rel: Relaxation | None = None
+        self._probe: dict[str, Any] | None = None  # the last step's relaxation, for its residual
+        self._residual: dict[str, float] | None = None
 
     # -- optimizer and checkpoint plumbing ------------------------------------------
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -244,13 +247,59 @@ class ActivationRelaxation(Algorithm):
         return self.feedback[l - 1].t()
 
     def diagnostics(self) -> dict[str, float]:
+        """Per hidden state ``relax_residual/layers.L`` (the state the layer ``layers.L``
+        produces; and ``relax_residual_max``, ``_mean``): :meth:`relaxation_residuals`; with
+        learned or random feedback, the alignment of psi^T with W per layer."""
+        out: dict[str, float] = {}
+        res = self.relaxation_residuals()
+        if res:
+            out.update({f"relax_residual/{k}": v for k, v in res.items()})
+            out["relax_residual_max"] = max(res.values())
+            out["relax_residual_mean"] = sum(res.values()) / len(res)
         if self.feedback is None:
-            return {}
+            return out
         from creditlab.diagnostics.feedback import feedback_alignment
 
         pairs = [(f"layers.{l}", self.mlp.layers[l].weight.detach(), self.feedback[l - 1].detach().t())
                  for l in range(1, len(self.mlp.layers))]
-        return feedback_alignment(pairs)
+        return {**out, **feedback_alignment(pairs)}
+
+    def _watched(self) -> list[Tensor]:
+        return list(self.mlp.parameters()) + (list(self.feedback) if self.feedback is not None else [])
+
+    @torch.no_grad()
+    def relaxation_residuals(self) -> dict[str, float] | None:
+        """||x^l(T) - x^l*|| / ||x^l*|| for the hidden states l = 1..L-1 of the last step, by the
+        layer producing them (``layers.{l-1}``; 0/0 reads 0): x(T) the states the updates used,
+        x* the fixed point of the same relaxation (steps = inf: 0 by construction). x* is one
+        more backward pass, made on the first call after a step (the training loop calls
+        ``reported_updates()`` on logged steps before the optimizer step, which makes it then),
+        only while the weights are those of the step (version counters; else None)."""
+        if self._residual is not None:
+            return self._residual
+        probe = self._probe
+        if probe is None:
+            return None
+        L = len(self.mlp.layers)
+        if "rel" not in probe:
+            res = {f"layers.{l - 1}": 0.0 for l in range(1, L)}
+        elif [p._version for p in self._watched()] != probe["versions"]:
+            return None
+        else:
+            star = probe["rel"].fixed_point()
+            res = {}
+            for l in range(1, L):
+                xs, xt = star[l].double(), probe["states"][l].double()  # type: ignore[union-attr]
+                den, num = float(xs.norm()), float((xt - xs).norm())
+                res[f"layers.{l - 1}"] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        self._residual, self._probe = res, None
+        return res
+
+    def reported_updates(self) -> None:
+        """The updates are ``.grad``; called by the training loop on logged steps before the
+        optimizer step, it computes the relaxation residual while the Jacobians are the step's."""
+        self.relaxation_residuals()
+        return None
 
     # -- the algorithm ---------------------------------------------------------------
     @torch.no_grad()
@@ -267,6 +316,7 @@ class ActivationRelaxation(Algorithm):
     def relax(self, trace, target: Tensor, record: bool = False) -> list[Tensor | None]:
         o = self.options
         rel = self.build(trace, target)
+        self._rel = rel
         init = trace.xs if o["init"] == "forward" else None
         if o["mode"] == "exact":
             return relax_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"])
@@ -277,10 +327,16 @@ class ActivationRelaxation(Algorithm):
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         pending = self.options["verify"] == "first" and not self._verified
         before = snapshot(self.mlp, x.device) if pending else None
+        self._probe = None
         with torch.no_grad():
             trace = self.mlp.trace(x)
             loss = self.loss(trace.out, y)
             states = self.relax(trace, y)
+            # what the residual needs until the next step (steps = inf: nothing, it is 0)
+            self._probe = {} if math.isinf(self.options["steps"]) else {
+                "rel": self._rel, "states": states, "versions": [p._version for p in self._watched()]}
+            self._residual = None
+            self._rel = None
             grads, fb = self.updates(trace, states, bool(self.options["update_derivative"]))
             for p, g in grads.values():
                 p.grad = g

@@ -57,6 +57,9 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         self._key: tuple[bool, ...] | None = None
         self._buffers_before: dict[str, Tensor] = {}
         self._checking = False  # the guard's re-evaluation check, on its pending step
+        self._probe: dict[str, Any] | None = None  # the last step's relaxation, for its residual
+        self._residual: dict[str, float] | None = None
+        self.last_rows: dict[str, int] = {}  # vectors each unit's pushes carried in the last step
         self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
@@ -139,15 +142,80 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
                 self.feedback[k].copy_(v)
 
     def diagnostics(self) -> dict[str, float]:
+        """Per unit ``relax_residual/NAME`` (and ``relax_residual_max``, ``_mean``): how far the
+        last step's relaxation left each state from its equilibrium (:meth:`relaxation_residuals`);
+        with learned or random feedback, the alignment of psi^T with W per module."""
+        out: dict[str, float] = {}
+        res = self.relaxation_residuals()
+        if res:
+            out.update({f"relax_residual/{k}": v for k, v in res.items()})
+            out["relax_residual_max"] = max(res.values())
+            out["relax_residual_mean"] = sum(res.values()) / len(res)
         if not len(self.feedback):
-            return {}
+            return out
         from creditlab.diagnostics.feedback import feedback_alignment
 
         pairs = []
         for target, key in self._fb_of.items():
             w = self.gm.get_submodule(target).weight.detach()
             pairs.append((target, w, self.feedback[key].detach().transpose(0, 1)))
-        return feedback_alignment(pairs)
+        return {**out, **feedback_alignment(pairs)}
+
+    # -- the relaxation residual of the last step ---------------------------------------
+    def unit_label(self, name: str) -> str:
+        """A unit's name in the log: its module's qualified name (``stages.0.0.bn1``, as in the
+        parameter names) for a module, else its graph node's name (``add_3``, ``mean``)."""
+        op = self.unit_by_name[name].op
+        return str(op.target) if op.op == "call_module" else op.name
+
+    def _watched(self) -> list[Tensor]:
+        return list(self.model.parameters()) + list(self.feedback.values())
+
+    def _remember(self, rel: GraphRelaxation, states: dict[str, Tensor]) -> None:
+        """Keep what the residual needs until the next step: for steps = inf only the unit names
+        (it is 0), else the problem (its pushes hold the forward values) and the states."""
+        self.last_rows = dict(rel.rows)
+        if math.isinf(self.options["steps"]):
+            self._probe = {"free": rel.free}
+        else:
+            self._probe = {"free": rel.free, "rel": rel, "states": states,
+                           "versions": [p._version for p in self._watched()]}
+        self._residual = None
+
+    @torch.no_grad()
+    def relaxation_residuals(self) -> dict[str, float] | None:
+        """||x_i(T) - x_i*|| / ||x_i*|| for every relaxing unit i of the last step (not the clamped
+        output; 0/0 reads 0): x(T) the states the updates used, x* the equilibrium of the same
+        Jacobians (for steps = inf, 0 by construction). Computing x* is one more backward pass,
+        made on the first call after a step (the training loop calls ``reported_updates()``
+        on logged steps before the optimizer step, which makes it then) and only while the
+        parameters are those of the step (checked by their version counters; else None: a
+        stale value is never reported)."""
+        if self._residual is not None:
+            return self._residual
+        probe = self._probe
+        if probe is None:
+            return None
+        if "rel" not in probe:  # steps = inf
+            res = {self.unit_label(u): 0.0 for u in probe["free"]}
+        elif [p._version for p in self._watched()] != probe["versions"]:
+            return None
+        else:
+            star = probe["rel"].fixed_point()
+            res = {}
+            for u in probe["free"]:
+                xs, xt = star[u].double(), probe["states"][u].double()
+                den = float(xs.norm())
+                num = float((xt - xs).norm())
+                res[self.unit_label(u)] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        self._residual, self._probe = res, None
+        return res
+
+    def reported_updates(self) -> None:
+        """The updates are ``.grad``; called by the training loop on logged steps before the
+        optimizer step, it computes the relaxation residual while the Jacobians are the step's."""
+        self.relaxation_residuals()
+        return None
 
     @torch.no_grad()
     def forward_values(self, x: Tensor) -> dict[str, Any]:
@@ -206,6 +274,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         return rel, states, derivs
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
+        self._probe = None  # the last step's relaxation is released before this one allocates
         self._use_graph()
         pending = self.options["verify"] == "first" and not self._verified
         self._checking = pending
@@ -217,6 +286,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
             clamp = self.loss.grad(out, y)
             rel, states, derivs = self.relax(env, clamp)
             grads, fb = self.updates(env, rel, states, derivs, self.options["update_derivative"])
+            self._remember(rel, states)
             for p, g in grads.values():
                 p.grad = g
             for key, g in fb.items():
