@@ -42,6 +42,11 @@ CASES: dict[str, dict] = {
     "np": {"algo": "np:sigma=0.05", "model": MLP3},
     "np-ridge": {"algo": "np:fit=ridge,order=sequential,sigma=0.05", "model": MLP3},
     "graph-ar-resmlp": {"algo": "ar", "loss": "mse", "model": {"name": "resmlp", "options": {"hidden": 8}}},
+    "signsym-usf": {"algo": "signsym", "model": MLP3},
+    "signsym-brsf": {"algo": "signsym:variant=brsf", "model": MLP3},
+    "signsym-frsf": {"algo": "signsym:variant=frsf", "model": MLP3},
+    "kp": {"algo": "kp:decay=0.1", "model": MLP3},
+    "wm": {"algo": "wm:mirror_steps=2", "model": MLP3},
 }
 
 

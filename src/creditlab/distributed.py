@@ -180,7 +180,7 @@ class Distributed:
                                   "node; start at most that many processes per node (--nproc_per_node)")
             torch.cuda.set_device(local_rank)
             return torch.device("cuda", local_rank)
-        from creditlab.build import resolve_device
+        from creditlab.devices import resolve_device
 
         return resolve_device(name)
 
