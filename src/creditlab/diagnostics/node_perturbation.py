@@ -16,7 +16,7 @@ Per hidden layer i (named after the forward layer W^{i+1} that B^{i+1} stands in
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +25,20 @@ from creditlab.diagnostics.angles import angle_deg
 from creditlab.diagnostics.feedback import sign_congruence
 from creditlab.rng import rng_state, set_rng_state
 
-if TYPE_CHECKING:  # pragma: no cover
-    from creditlab.algorithms._feedback_learning import BlockNet, FeedbackLearner
+
+class BlockNet(Protocol):
+    """What these diagnostics read of a feedback learner's network (``algorithms._feedback_learning.BlockNet``),
+    described here so that diagnostics never import the algorithms that use them."""
+
+    blocks: Any
+
+
+class FeedbackLearner(Protocol):
+    """What these diagnostics read of a feedback learner (``algorithms._feedback_learning.FeedbackLearner``):
+    ``net``, ``loss``, ``name``, ``clean_pass``, ``feedback``, ``regressor``, ``through_post`` and
+    ``feedback_pairs``."""
+
+    net: Any
 
 
 def relative_error(w: Tensor, b: Tensor) -> float:
@@ -40,7 +52,7 @@ def sign_agreement_pct(w: Tensor, b: Tensor) -> float:
     return sign_congruence(w, b)
 
 
-def target_matrices(net: "BlockNet", form: str) -> list[Tensor | None]:
+def target_matrices(net: BlockNet, form: str) -> list[Tensor | None]:
     """What each B should converge to: W^{i+1} (fa) or W^{N+1}...W^{i+1} (dfa, linear layers)."""
     ws = [blk.layer.weight.detach() for blk in net.blocks]
     n_hidden = len(net.blocks) - 1
@@ -57,7 +69,7 @@ def target_matrices(net: "BlockNet", form: str) -> list[Tensor | None]:
     return out
 
 
-def hidden_gradients(algo: "FeedbackLearner", x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def hidden_gradients(algo: FeedbackLearner, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """(synthetic g^i, true dL/dh^i) for every hidden layer on the batch (x, y), computed with
     the current B and W and without changing anything (RNG state included)."""
 
@@ -83,7 +95,7 @@ def hidden_gradients(algo: "FeedbackLearner", x: Tensor, y: Tensor) -> tuple[lis
     return synth, true
 
 
-def feedback_report(algo: "FeedbackLearner", x: Tensor, y: Tensor) -> dict[str, float]:
+def feedback_report(algo: FeedbackLearner, x: Tensor, y: Tensor) -> dict[str, float]:
     """Flat dict of the three diagnostics per layer, keys ``<algo>/<metric>/<layer>``."""
     out: dict[str, float] = {}
     synth, true = hidden_gradients(algo, x, y)
