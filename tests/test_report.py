@@ -218,9 +218,10 @@ class Browser:
             import websocket  # websocket-client
         except ImportError:
             _need("the websocket-client package is not installed (pip install -e '.[test]')")
+        binary = _chromium_binary()
         self.profile = Path(tempfile.mkdtemp(prefix="creditlab-chromium-"))
-        self.log = open(self.profile / "stderr.log", "w")
-        args = [_chromium_binary(), "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
+        self.log = open(self.profile / "stderr.log", "w")  # noqa: SIM115  (closed in close())
+        args = [binary, "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
                 "--disable-gpu", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                 "--remote-allow-origins=*", "--window-size=1400,1000", "about:blank"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
