@@ -41,7 +41,7 @@ _OURS = {CHECKPOINT, LOCK, "checkpoint.tmp", "config.yaml", "metrics.jsonl", "me
          "report.html"}
 #: config keys that only label or place a run, never change what it computes
 LABELS = ("name", "notes", "published", "data_dir", "threads", "seeds", "search", "distributed.timeout_s",
-          "distributed.check_every")
+          "distributed.check_every", "logging")  # logging: where the numbers are written, never what they are
 _CHECKPOINT_KEYS = ("model", "optimizer", "algorithm", "rng", "epoch", "step_in_epoch", "global_step", "history",
                     "angles", "metrics_lines", "partial", "signature")
 

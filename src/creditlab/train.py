@@ -315,7 +315,7 @@ def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
                                  "again with --overwrite (without --resume)")
         raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
     ck = read_checkpoint(ck_path)
-    check_resume(*_without_logging(ck.get("config") or "", cfg), extend, out)
+    check_resume(ck.get("config") or "", cfg, extend, out)
     if ck.get("processes", 1) != world:
         raise CreditlabError(f"--resume: {out} was trained with {ck.get('processes', 1)} process(es), this is "
                              f"{world}; resume with --nproc {ck.get('processes', 1)} (the rounding of the batch "
@@ -325,16 +325,6 @@ def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
         print(f"creditlab: extending the run in {out} from {stored} to {cfg['epochs']} epochs", file=sys.stderr,
               flush=True)
     return ck
-
-
-def _without_logging(stored_text: str, cfg: dict) -> tuple[str, dict]:
-    """The stored config's text and ``cfg`` without ``logging``, for the resume check: where
-    the numbers are logged never changes them (a run trained without TensorBoard resumes with
-    it, and a run from before the key existed resumes at all)."""
-    stored = yaml.safe_load(stored_text) or {}
-    if isinstance(stored, dict):
-        stored.pop("logging", None)
-    return config_mod.dump(stored), {k: v for k, v in cfg.items() if k != "logging"}
 
 
 def _layer_log(ck: dict, out: Path) -> list[dict]:
