@@ -145,3 +145,15 @@ def test_the_closed_form_drops_negligible_terms_and_only_those():
             for u in rel.order:
                 assert _rel(cut[u], full[u]) < tol, (dt, init, u, _rel(cut[u], full[u]))
     model.to(DT)
+
+
+def test_learned_feedback_on_a_resnet_starts_like_its_weights():
+    """The built-in ResNets record init_spec 'he': psi is drawn as the model draws W."""
+    torch.manual_seed(0)
+    model = build_named_model("resnet20", (3, 8, 8), CLASSES, width=2)
+    algo = build_algorithm("ar:feedback=learned", model, build_loss("cross_entropy"))
+    assert len(algo.feedback) == 19  # every conv but the stem, and the linear layer
+    for target, key in algo._fb_of.items():
+        w, psi = algo.gm.get_submodule(target).weight, algo.feedback[key].transpose(0, 1)
+        assert psi.shape == w.shape and 0.5 < float(psi.std() / w.std()) < 2, target
+    algo.step(torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]))

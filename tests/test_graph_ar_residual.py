@@ -170,3 +170,4 @@ def test_the_training_loop_logs_the_residual(tmp_path):
         assert "fc" not in res  # the clamped output
         # the pooling below it, d = 0 (float32: 1 - 0.9**100 holds 0.9**100 to about 6e-8 / 2.7e-5)
         assert res["mean"] == pytest.approx(0.9**100, rel=5e-3)
+

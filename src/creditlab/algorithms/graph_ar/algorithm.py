@@ -37,6 +37,19 @@ from creditlab.errors import ConfigError
 from creditlab.models.init import init_weight_
 
 
+def _init_feedback(w: Tensor, spec: str, kind: str) -> None:
+    """psi's initial values (in W's shape): the init scheme ``spec`` of :mod:`creditlab.models.init`,
+    or ``he`` as the built-in ResNets initialise W (He et al. 2015 normal, fan-out, for Conv2d;
+    PyTorch's default for Linear)."""
+    if str(spec).strip().lower() in ("he", "kaiming"):
+        if kind == "conv":
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+        else:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        return
+    init_weight_(w, spec)
+
+
 @register_algorithm
 class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
     """``graph_ar``: Activation Relaxation on any torch.fx-traceable module (Appendix A);
@@ -113,7 +126,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
             if target in self._fb_of:
                 continue
             w = torch.empty(u.module.weight.shape, **kw)  # type: ignore[union-attr]
-            init_weight_(w, init)
+            _init_feedback(w, init, u.kind)
             key = target.replace(".", "_")
             self.feedback[key] = nn.Parameter(w.transpose(0, 1).contiguous(),
                                               requires_grad=self.options["feedback"] == "learned")
