@@ -304,3 +304,40 @@ def test_each_family_trains_through_the_training_loop(spec, model, tmp_path):
     steps = [r for r in steps if r.get("kind") == "step"]
     assert steps and all(any(k.startswith("feedback_angle_deg/") for k in r) for r in steps)
     assert all(any(k.startswith("sign_congruence_pct/") for k in r) and r["angles"] for r in steps)
+
+
+class _Attn(nn.Module):
+    """Linear embedding, nn.MultiheadAttention (in_proj_weight bare, out_proj never called), Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("spec", ["signsym", "signsym:variant=brsf", "signsym:variant=frsf", "kp", "wm"])
+def test_each_family_refuses_attention_by_name_and_with_unrouted_autograd_gives_it_no_feedback(spec):
+    torch.manual_seed(0)
+    model = _Attn().double()
+    loss = build_loss("cross_entropy")
+    name = spec.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"module 'mha' .*{name}:unrouted=autograd"):
+        build_algorithm(spec, model, loss)
+    sep = "," if ":" in spec else ":"
+    algo = build_algorithm(f"{spec}{sep}unrouted=autograd", model, loss)
+    assert [n for n, _ in algo.layers] == ["embed", "head"]
+    x, y = torch.randn(5, 6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    opt = sgd(model, algo, 0.05)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        algo.step(x, y)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    assert not any("mha" in k for k in algo.B) and not any("mha" in k for k in algo.diagnostics())
+    fb = {id(p) for g in algo.param_groups(0.05) for p in g["params"]}
+    assert fb == ({id(algo.B[n]) for n in ("embed", "head")} if name == "kp" else set())
