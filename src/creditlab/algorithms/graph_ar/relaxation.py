@@ -14,12 +14,15 @@ from torch import Tensor
 from creditlab.algorithms._relaxation_weights import tail_weights, weights
 from creditlab.errors import ConfigError
 
-PushFn = Callable[[Tensor], dict[str, Tensor]]
+# a unit's push: the vectors it carries (its state, or several graded parts of it), one tensor
+# each, to the contributions they make to each relaxing parent (one list per parent, aligned)
+Rows = list[Tensor]
+PushFn = Callable[[Rows], dict[str, Rows]]
 # a unit's push and its parameters' updates from the same vector (the fixed point): one call
-FusedFn = Callable[[Tensor], tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]]
+FusedFn = Callable[[Rows], tuple[dict[str, Rows], list[tuple[Tensor, Tensor]]]]
 
 
-def no_push(s: Tensor) -> dict[str, Tensor]:
+def no_push(rows: Rows) -> dict[str, Rows]:
     """The push of a unit with no relaxing parent (e.g. the first layer)."""
     return {}
 
@@ -27,10 +30,10 @@ def no_push(s: Tensor) -> dict[str, Tensor]:
 @dataclass
 class GraphRelaxation:
     """The relaxation problem of one batch: units in topological order (relaxed only), their
-    edge pushes (stacked vectors (K, *state) -> contributions to each relaxed parent, whose
-    names ``parents`` lists), the forward states, and the output unit clamped to ``clamp``.
-    ``rows`` counts, per unit, the vectors its pushes carried in the last solution (the cost
-    model: one VJP of the unit's operation per vector, batched into one call per unit)."""
+    edge pushes (vectors -> contributions to each relaxed parent, whose names ``parents``
+    lists), the forward states, and the output unit clamped to ``clamp``. ``rows`` counts, per
+    unit, the vectors its pushes carried in the last solution (the cost model: one VJP of the
+    unit's operation per vector, in one call per unit where the operation allows)."""
 
     order: list[str]
     push: dict[str, PushFn]
@@ -49,32 +52,40 @@ class GraphRelaxation:
     def fixed_point(self) -> dict[str, Tensor]:
         return relax_graph_exact(self, None, math.inf, 1.0, "synchronous")
 
-    def pushed(self, u: str, s: Tensor, updates: bool = False) -> dict[str, Tensor]:
-        """``push[u](s)``, counted in ``rows``; ``updates``: with ``fused[u]`` where there is one,
-        its parameters' updates at the same vector kept in ``grads[u]``."""
-        if self.push[u] is no_push:
+    def pushed(self, u: str, rows: Rows, updates: bool = False) -> dict[str, Rows]:
+        """``push[u](rows)``, counted in ``rows``; ``updates``: with ``fused[u]`` where there is
+        one, its parameters' updates at the same vector kept in ``grads[u]``."""
+        if self.push[u] is no_push or not rows:
             return {}
-        self.rows[u] = self.rows.get(u, 0) + s.shape[0]
+        self.rows[u] = self.rows.get(u, 0) + len(rows)
         if updates and u in self.fused:
-            out, self.grads[u] = self.fused[u](s)
+            out, self.grads[u] = self.fused[u](rows)
             return out
-        return self.push[u](s)
+        return self.push[u](rows)
 
 
-def accumulate(acc: dict[str, Tensor], name: str, t: Tensor) -> None:
-    """acc[name] += t, zero-padding the stack dimension (0) on the right where lengths differ."""
-    if name not in acc:
-        acc[name] = t
-        return
-    a = acc[name]
-    if a.shape[0] < t.shape[0]:
-        a, t = t, a
-    if a.shape[0] == t.shape[0]:
-        acc[name] = a + t
-    else:
-        a = a.clone()
-        a[: t.shape[0]] += t
-        acc[name] = a
+class _Sums:
+    """Vectors being summed from the children's contributions, by (unit, key): the first
+    contribution is kept as it is (never written into: it may be another unit's vector too), a
+    later one makes a new sum."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, dict[int, Tensor]] = {}
+
+    def add(self, name: str, key: int, t: Tensor) -> None:
+        d = self.acc.setdefault(name, {})
+        d[key] = d[key] + t if key in d else t
+
+    def pop(self, name: str) -> dict[int, Tensor]:
+        return self.acc.pop(name, {})
+
+
+def weighted_sum(coef: list[float], rows: Rows) -> Tensor:
+    """sum_i coef[i] rows[i] (one pass over each vector)."""
+    out = rows[0] * coef[0]
+    for c, r in zip(coef[1:], rows[1:]):
+        out.add_(r, alpha=c)
+    return out
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -95,55 +106,6 @@ def kept_orders(w: tuple[float, ...] | list[float], tol: float) -> int:
     return len(w) - 1
 
 
-def _span(idx: list[int]) -> slice | Tensor:
-    """``idx`` (increasing) as a slice where it is a run, else as an index tensor."""
-    if idx[-1] - idx[0] == len(idx) - 1:
-        return slice(idx[0], idx[-1] + 1)
-    return torch.tensor(idx)
-
-
-class _Stacks:
-    """Per-unit stacks being accumulated from the children's pushes: a stack received whole
-    is kept as is (no copy) and added to out of place; a partial one goes into a zero buffer
-    the relaxation owns and adds into in place."""
-
-    def __init__(self, rows: dict[str, int]):
-        self.rows = rows  # unit -> rows of its stack
-        self.acc: dict[str, Tensor] = {}
-        self.owned: set[str] = set()
-
-    def add(self, name: str, t: Tensor, src: list[int], dst: list[int]) -> None:
-        """acc[name][dst] += t[src] (``src``, ``dst`` increasing row indices)."""
-        if not src:
-            return
-        n = self.rows[name]
-        whole = len(src) == t.shape[0] == n and src == dst == list(range(n))
-        a = self.acc.get(name)
-        if whole and a is None:
-            self.acc[name] = t  # borrowed: never written into
-            return
-        if whole and name not in self.owned:
-            self.acc[name] = a + t  # type: ignore[operator]
-            self.owned.add(name)
-            return
-        if a is None:
-            a = t.new_zeros(n, *t.shape[1:])
-        elif name not in self.owned:
-            a = a.clone()
-        self.acc[name] = a
-        self.owned.add(name)
-        ts = t if len(src) == t.shape[0] else t[_span(src)]
-        d = _span(dst)
-        if isinstance(d, slice):
-            a[d] += ts
-        else:
-            a.index_add_(0, d.to(a.device), ts)
-
-    def pop(self, name: str) -> Tensor | None:
-        self.owned.discard(name)
-        return self.acc.pop(name, None)
-
-
 def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, steps: float, eta: float,
                       schedule: str, tol: float | None = None, updates: bool = False,
                       keep: set[str] | None = None) -> dict[str, Tensor]:
@@ -158,22 +120,21 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     rel.rows, rel.grads = {}, {}
     states: dict[str, Tensor] = {rel.out: rel.clamp}
     free = list(reversed(rel.free))
+    sums = _Sums()
     if math.isinf(steps):
-        acc: dict[str, Tensor] = {}
-        for name, t in rel.pushed(rel.out, rel.clamp.unsqueeze(0), updates).items():
-            accumulate(acc, name, t)
+        for name, t in rel.pushed(rel.out, [rel.clamp], updates).items():
+            sums.add(name, 0, t[0])
         for u in free:
-            a = acc.pop(u, None)
-            x = a[0] if a is not None else torch.zeros_like(rel.forward[u])
+            x = sums.pop(u).get(0)
+            if x is None:
+                x = torch.zeros_like(rel.forward[u])
             if keep is None or u in keep:
                 states[u] = x
-            if rel.push[u] is not no_push:
-                for name, t in rel.pushed(u, x.unsqueeze(0), updates).items():
-                    accumulate(acc, name, t)
+            for name, t in rel.pushed(u, [x], updates).items():
+                sums.add(name, 0, t[0])
         return states
     T = int(steps)
     tol = default_tolerance(rel.clamp.dtype) if tol is None else float(tol)
-    dt, dev = rel.clamp.dtype, rel.clamp.device
     if init is not None:
         return _exact_from_forward(rel, init, T, eta, schedule, tol, states, free)
     # init=zero: graded parts G_u[m], m + 1 the length of the paths from the output they
@@ -184,76 +145,56 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     incoming: dict[str, set[int]] = {}
     for p in rel.parents[rel.out]:
         incoming.setdefault(p, set()).add(0)
-    kept: dict[str, list[int]] = {}
+    kept: dict[str, set[int]] = {}
     for u in free:
         labs = sorted(incoming.pop(u, ()))
         top = tail[labs[0]] if labs else 0.0
-        kept[u] = [m for m in labs if tail[m] > tol * top]
+        kept[u] = {m for m in labs if tail[m] > tol * top}
         for p in rel.parents[u]:
             incoming.setdefault(p, set()).update(m + 1 for m in kept[u])
-    where = {u: {m: i for i, m in enumerate(lab)} for u, lab in kept.items()}
-    stacks = _Stacks({u: len(lab) for u, lab in kept.items()})
 
-    def deliver(u_labels: list[int], contrib: dict[str, Tensor]) -> None:
-        for p, t in contrib.items():
-            pos = where[p]
-            src = [i for i, m in enumerate(u_labels) if m + 1 in pos]
-            stacks.add(p, t, src, [pos[u_labels[i] + 1] for i in src])
+    def deliver(labels: list[int], contrib: dict[str, Rows]) -> None:
+        for p, ts in contrib.items():
+            for m, t in zip(labels, ts):
+                if m + 1 in kept[p]:
+                    sums.add(p, m + 1, t)
 
-    deliver([-1], rel.pushed(rel.out, rel.clamp.unsqueeze(0)))
+    deliver([-1], rel.pushed(rel.out, [rel.clamp]))
     for u in free:
-        lab = kept[u]
-        g = stacks.pop(u)
-        if not lab or g is None:  # no path reaches u within T steps (or every weight is zero)
+        g = sums.pop(u)
+        lab = sorted(m for m in g if m in kept[u])
+        if not lab:  # no path reaches u within T steps (or every weight is zero)
             states[u] = torch.zeros_like(rel.forward[u])
             continue
-        coef = torch.tensor([tail[m] for m in lab], dtype=dt, device=dev)
-        states[u] = torch.tensordot(coef, g, dims=1)
-        if rel.push[u] is no_push:
-            continue
-        need = [i for i, m in enumerate(lab) if any(m + 1 in where[p] for p in rel.parents[u])]
-        if need:
-            sent = [lab[i] for i in need]
-            deliver(sent, rel.pushed(u, g if len(need) == len(lab) else g[_span(need)]))
+        states[u] = weighted_sum([tail[m] for m in lab], [g[m] for m in lab])
+        sent = [m for m in lab if any(m + 1 in kept[p] for p in rel.parents[u])]
+        deliver(sent, rel.pushed(u, [g[m] for m in sent]))
     return states
 
 
 def _exact_from_forward(rel: GraphRelaxation, init: dict[str, Tensor], T: int, eta: float, schedule: str,
                         tol: float, states: dict[str, Tensor], free: list[str]) -> dict[str, Tensor]:
-    """init=forward: each unit's stack S_u = [x*_u, E_u[0], E_u[1], ..., E_u[n_u]] with
-    E[k] = (N^k e), e = x(0) - x*, E_u[0] = e_u; x(T)_u = x*_u + sum_k w_k E_u[k] over the kept
-    k <= kmax; the unit pushes [x*_u, E_u[0], ..., E_u[min(n_u, kmax - 1)]], which its parents
-    receive as [x*, E[1], ...]."""
+    """init=forward: each unit holds x*_u and E_u[k] = (N^k e)_u, e = x(0) - x*, E_u[0] = e_u,
+    for the kept k <= kmax; x(T)_u = x*_u + sum_k w_k E_u[k]; the unit pushes [x*_u, E_u[0],
+    ..., E_u[min(n_u, kmax - 1)]], which its parents receive as x* and E[1], E[2], ..."""
     w = weights(T, float(eta), schedule, len(rel.order) + 1)
     kmax = kept_orders(w, tol)
-    wall = torch.tensor(w[: kmax + 1], dtype=rel.clamp.dtype, device=rel.clamp.device)
-    sent = lambda n: 1 + (min(n, kmax - 1) + 1 if kmax > 0 else 0)  # noqa: E731 rows pushed with n E-rows
-    n_of: dict[str, int] = {}
-    for p in rel.parents[rel.out]:
-        n_of[p] = 0
-    for u in free:
-        n_of.setdefault(u, 0)
-        for p in rel.parents[u]:
-            n_of[p] = max(n_of.get(p, 0), sent(n_of[u]) - 1)
-    stacks = _Stacks({u: n + 2 for u, n in n_of.items()})
+    sums = _Sums()  # key -1: x*, key k >= 1: E[k]
 
-    def deliver(contrib: dict[str, Tensor]) -> None:
-        for p, t in contrib.items():  # rows [x*, E[1], ..., E[k-1]] into S_p rows 0, 2, ..., k
-            k = t.shape[0]
-            stacks.add(p, t[:1], [0], [0])
-            stacks.add(p, t[1:], list(range(k - 1)), list(range(2, k + 1)))
+    def deliver(contrib: dict[str, Rows]) -> None:
+        for p, ts in contrib.items():
+            for j, t in enumerate(ts):  # [x*, E[0], E[1], ...] -> x*, E[1], E[2], ...
+                sums.add(p, -1 if j == 0 else j, t)
 
-    deliver(rel.pushed(rel.out, rel.clamp.unsqueeze(0)))
+    deliver(rel.pushed(rel.out, [rel.clamp]))
     for u in free:
-        n = n_of[u]
-        S = stacks.pop(u)  # a buffer of n + 2 rows the relaxation owns (row 1 is never delivered)
-        if S is None:  # no child pushes to u
-            S = rel.forward[u].new_zeros(n + 2, *rel.forward[u].shape)
-        star = S[0]
-        S[1] = init[u] - star
-        states[u] = star + torch.tensordot(wall[: n + 1], S[1: n + 2], dims=1)
-        if rel.push[u] is not no_push:
-            deliver(rel.pushed(u, S[: sent(n)]))
+        g = sums.pop(u)
+        star = g.pop(-1, None)
+        if star is None:  # no child pushes to u
+            star = torch.zeros_like(rel.forward[u])
+        E = [init[u] - star] + [g[k] for k in range(1, kmax + 1) if k in g]
+        states[u] = star + weighted_sum(w[: len(E)], E)
+        deliver(rel.pushed(u, [star] + E[:kmax]))
     return states
 
 
@@ -264,24 +205,25 @@ def relax_graph_simulate(rel: GraphRelaxation, init: dict[str, Tensor] | None, s
         raise ConfigError("ar: mode=simulate needs a finite number of steps; use mode=exact for steps=inf")
     free = list(reversed(rel.free))
     xs = {u: (init[u].clone() if init is not None else torch.zeros_like(rel.forward[u])) for u in free}
-    from_out: dict[str, Tensor] = {}
     rel.rows = {}
-    for name, t in rel.pushed(rel.out, rel.clamp.unsqueeze(0)).items():
-        accumulate(from_out, name, t)
+    from_out = {name: t[0] for name, t in rel.pushed(rel.out, [rel.clamp]).items()}
+
+    def add(acc: dict[str, Tensor], contrib: dict[str, Rows]) -> None:
+        for name, t in contrib.items():
+            acc[name] = acc[name] + t[0] if name in acc else t[0]
+
     for _ in range(int(steps)):
         acc = dict(from_out)
         if schedule == "synchronous":
             for u in free:
-                for name, t in rel.pushed(u, xs[u].unsqueeze(0)).items():
-                    accumulate(acc, name, t)
+                add(acc, rel.pushed(u, [xs[u]]))
             for u in free:
                 a = acc.get(u)
-                xs[u] = xs[u] + eta * (-xs[u] + (a[0] if a is not None else 0.0))
+                xs[u] = xs[u] + eta * (-xs[u] + (a if a is not None else 0.0))
         else:
             for u in free:  # reverse topological: every child already updated and pushed
                 a = acc.get(u)
-                xs[u] = xs[u] + eta * (-xs[u] + (a[0] if a is not None else 0.0))
-                for name, t in rel.pushed(u, xs[u].unsqueeze(0)).items():
-                    accumulate(acc, name, t)
+                xs[u] = xs[u] + eta * (-xs[u] + (a if a is not None else 0.0))
+                add(acc, rel.pushed(u, [xs[u]]))
     xs[rel.out] = rel.clamp
     return xs

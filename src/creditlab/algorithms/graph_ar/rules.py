@@ -14,7 +14,7 @@ from torch import Tensor, fx, nn
 
 from creditlab.algorithms._verify import tolerance
 from creditlab.algorithms.graph_ar.ops import Derivative, act_derivative, get_attr, replaying, times_derivative
-from creditlab.algorithms.graph_ar.relaxation import FusedFn, GraphRelaxation, PushFn, no_push
+from creditlab.algorithms.graph_ar.relaxation import FusedFn, GraphRelaxation, PushFn, Rows, no_push
 from creditlab.algorithms.graph_ar.units import Plan, Unit, basic_index, constant_pad
 from creditlab.errors import ConfigError
 
@@ -36,6 +36,8 @@ class NodeRules:
 
     def _make_push(self, u: Unit, env: dict[str, Any], plan: Plan, d: Derivative | None,
                    exact: bool = False) -> PushFn:
+        """The unit's push: its VJP at the forward values applied to each vector it carries
+        (``Rows``: one tensor per vector; one call over all of them where it pays)."""
         parents = plan.parents[u.name]
         if not parents:
             return no_push
@@ -46,52 +48,57 @@ class NodeRules:
             dd = (act_derivative(self.gm, op, env[op.args[0].name], env[op.name])
                   if exact or uses_derivative(self.options["derivative"], "act") else None)
             p = self.owner[parents[0].name]
-            return lambda s: {p: times_derivative(s, dd)}
-        pre = (lambda s: s) if d is None else (lambda s: times_derivative(s, d))
+            return lambda rows: {p: [times_derivative(r, dd) for r in rows]}
+
+        def pre(r: Tensor) -> Tensor:
+            return times_derivative(r, d)
+
         if u.kind == "linear":
             B = self.backward_weight(str(u.op.target), exact)
             p = self.owner[parents[0].name]
-            return lambda s: {p: pre(s) @ B}
+
+            def linear_push(rows: Rows) -> dict[str, Rows]:
+                if len(rows) == 1:
+                    return {p: [pre(rows[0]) @ B]}
+                return {p: list((pre(torch.stack(rows)) @ B).unbind(0))}
+
+            return linear_push
         if u.kind == "conv":
             m: nn.Conv2d = u.module  # type: ignore[assignment]
             B = self.backward_weight(str(u.op.target), exact)
             xin = env[op.args[0].name]
             p = self.owner[parents[0].name]
+            per_call = max(1, 64 // max(xin.shape[0], 1))  # vectors per call
 
-            per_call = max(1, 64 // max(xin.shape[0], 1))  # stacked vectors per call
-
-            def conv_push(s: Tensor) -> dict[str, Tensor]:
-                # in chunks of about 64 samples: one call over a tall stack is several times
-                # slower on CPU (measured 2.4x at 14 x 64 samples of 16x32x32)
-                v = pre(s)
-                parts = []
-                for i in range(0, s.shape[0], per_call):
-                    c = v[i: i + per_call]
-                    if c.shape[0] == 1:  # with the real input (a faster kernel than conv2d_input's stand-in)
-                        g = torch.ops.aten.convolution_backward(c[0], xin, B, None, m.stride, m.padding, m.dilation,
-                                                                False, [0] * len(m.stride), m.groups,
-                                                                [True, False, False])[0]
-                        parts.append(g.unsqueeze(0))
-                        continue
-                    g = torch.nn.grad.conv2d_input((c.shape[0] * xin.shape[0],) + tuple(xin.shape[1:]), B,
-                                                   c.reshape(-1, *c.shape[2:]), m.stride, m.padding, m.dilation,
-                                                   m.groups)
-                    parts.append(g.reshape(c.shape[0], *xin.shape))
-                return {p: parts[0] if len(parts) == 1 else torch.cat(parts)}
+            def conv_push(rows: Rows) -> dict[str, Rows]:
+                # one call per vector of >= 64 samples (one call over a tall stack was measured
+                # 2.4x slower on the CPU at 14 x 64 samples of 16x32x32), with the real input
+                if per_call == 1:
+                    return {p: [torch.ops.aten.convolution_backward(
+                        pre(r), xin, B, None, m.stride, m.padding, m.dilation, False, [0] * len(m.stride),
+                        m.groups, [True, False, False])[0] for r in rows]}
+                out: Rows = []
+                for i in range(0, len(rows), per_call):
+                    c = torch.cat([pre(r) for r in rows[i: i + per_call]])
+                    g = torch.nn.grad.conv2d_input((c.shape[0],) + tuple(xin.shape[1:]), B, c, m.stride, m.padding,
+                                                   m.dilation, m.groups)
+                    out += list(g.split(xin.shape[0]))
+                return {p: out}
 
             return conv_push
         if u.kind == "maxpool" and op.name + "#idx" in env:
             idx = env[op.name + "#idx"]
             xin_shape = tuple(env[parents[0].name].shape)
             p = self.owner[parents[0].name]
-            flat_idx = idx.flatten(2).unsqueeze(0)
+            flat_idx = idx.flatten(2)
 
-            def pool_push(s: Tensor) -> dict[str, Tensor]:
-                v = pre(s).flatten(3)
-                k = s.shape[0]
-                out = v.new_zeros(k, *xin_shape[:2], xin_shape[2] * xin_shape[3])
-                out.scatter_add_(3, flat_idx.expand(k, *flat_idx.shape[1:]), v)
-                return {p: out.reshape(k, *xin_shape)}
+            def pool_push(rows: Rows) -> dict[str, Rows]:
+                out = []
+                for r in rows:
+                    o = r.new_zeros(*xin_shape[:2], xin_shape[2] * xin_shape[3])
+                    o.scatter_add_(2, flat_idx, pre(r).flatten(2))
+                    out.append(o.reshape(xin_shape))
+                return {p: out}
 
             return pool_push
         if u.kind == "add" and not op.kwargs and len(op.args) == 2:
@@ -100,13 +107,13 @@ class NodeRules:
                      if isinstance(a, fx.Node) and a in parents]
             out_shape = tuple(env[op.name].shape)
 
-            def add_push(s: Tensor) -> dict[str, Tensor]:
-                s = pre(s)
-                res: dict[str, Tensor] = {}
+            def add_push(rows: Rows) -> dict[str, Rows]:
+                vs = [pre(r) for r in rows]
+                res: dict[str, Rows] = {}
                 for nm, sg, shape in terms:
-                    g = s if shape == out_shape else s.sum_to_size(s.shape[0], *shape)
-                    g = g if sg == 1.0 else -g
-                    res[nm] = res[nm] + g if nm in res else g
+                    gs = [v if shape == out_shape else v.sum_to_size(*shape) for v in vs]
+                    gs = gs if sg == 1.0 else [-g for g in gs]
+                    res[nm] = [a + b for a, b in zip(res[nm], gs)] if nm in res else gs
                 return res
 
             return add_push
@@ -116,13 +123,15 @@ class NodeRules:
             sizes = [env[a.name].shape[dim] if isinstance(a, fx.Node) else 0 for a in items]
             owners = [self.owner[a.name] if isinstance(a, fx.Node) and a in parents else None for a in items]
 
-            def cat_push(s: Tensor) -> dict[str, Tensor]:
-                s = pre(s)
-                d = dim % (s.dim() - 1) + 1
-                res: dict[str, Tensor] = {}
-                for nm, g in zip(owners, torch.split(s, sizes, dim=d)):
-                    if nm is not None:
-                        res[nm] = res[nm] + g if nm in res else g
+            def cat_push(rows: Rows) -> dict[str, Rows]:
+                res: dict[str, Rows] = {}
+                for r in rows:
+                    per: dict[str, Tensor] = {}  # an input concatenated twice: its pieces summed
+                    for nm, g in zip(owners, torch.split(pre(r), sizes, dim=dim)):
+                        if nm is not None:
+                            per[nm] = per[nm] + g if nm in per else g
+                    for nm, g in per.items():
+                        res.setdefault(nm, []).append(g)
                 return res
 
             return cat_push
@@ -131,13 +140,16 @@ class NodeRules:
             return self._batchnorm_push(u, env, parents[0], pre, exact)
         if u.kind == "slice" and len(parents) == 1 and parents[0] is op.args[0] \
                 and isinstance(env[parents[0].name], Tensor):
-            idx = (slice(None),) + basic_index(op.args[1])  # type: ignore[operator]
+            idx = basic_index(op.args[1])
             shape = tuple(env[parents[0].name].shape)
             p = self.owner[parents[0].name]
 
-            def slice_push(s: Tensor) -> dict[str, Tensor]:
-                out = s.new_zeros(s.shape[0], *shape)
-                out[idx] = pre(s)
+            def slice_push(rows: Rows) -> dict[str, Rows]:
+                out = []
+                for r in rows:
+                    o = r.new_zeros(shape)
+                    o[idx] = pre(r)
+                    out.append(o)
                 return {p: out}
 
             return slice_push
@@ -145,15 +157,15 @@ class NodeRules:
             widths = constant_pad(op)
             out_shape = tuple(env[op.name].shape)
             n = len(widths) // 2  # type: ignore[arg-type]
-            lead = (slice(None),) * (1 + len(out_shape) - n)
+            lead = (slice(None),) * (len(out_shape) - n)
             crop = lead + tuple(slice(widths[2 * i], out_shape[-1 - i] - widths[2 * i + 1])  # type: ignore[index]
                                 for i in reversed(range(n)))
             p = self.owner[parents[0].name]
-            return lambda s: {p: pre(s)[crop]}
+            return lambda rows: {p: [pre(r)[crop] for r in rows]}
         if u.kind == "reshape" and len(parents) == 1 and len([a for a in op.all_input_nodes]) == 1:
             shape = tuple(env[parents[0].name].shape)
             p = self.owner[parents[0].name]
-            return lambda s: {p: pre(s).reshape(s.shape[0], *shape)}
+            return lambda rows: {p: [pre(r).reshape(shape) for r in rows]}
         return self._generic_push(u, env, parents, d)
 
     def _make_fused(self, u: Unit, env: dict[str, Any], plan: Plan, d: Derivative | None, exact: bool
@@ -180,24 +192,22 @@ class NodeRules:
         if u.kind == "conv":
             bias = [m.out_channels] if m.bias is not None else None
 
-            def conv_fused(s: Tensor) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
-                v = times_derivative(s[0], d)
+            def conv_fused(rows: Rows) -> tuple[dict[str, Rows], list[tuple[Tensor, Tensor]]]:
                 gi, gw, gb = torch.ops.aten.convolution_backward(
-                    v, xin, m.weight.detach(), bias, m.stride, m.padding, m.dilation, False, [0] * len(m.stride),
-                    m.groups, [True, wmask, bmask])
-                return {p: gi.unsqueeze(0)}, grads(gw, gb)
+                    times_derivative(rows[0], d), xin, m.weight.detach(), bias, m.stride, m.padding, m.dilation,
+                    False, [0] * len(m.stride), m.groups, [True, wmask, bmask])
+                return {p: [gi]}, grads(gw, gb)
 
             return conv_fused
         if u.kind == "batchnorm" and len(u.op.args) == 1 and not u.op.kwargs:
             _, a, b, batch = self._batchnorm_stats(u, env)
             w = m.weight.detach() if m.weight is not None else None
 
-            def bn_fused(s: Tensor) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
-                v = times_derivative(s[0], d)
+            def bn_fused(rows: Rows) -> tuple[dict[str, Rows], list[tuple[Tensor, Tensor]]]:
                 gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                    v, xin, w, None if batch else a, None if batch else b, a if batch else None,
-                    b if batch else None, batch, m.eps, [True, wmask, bmask])
-                return {p: gi.unsqueeze(0)}, grads(gw, gb)
+                    times_derivative(rows[0], d), xin, w, None if batch else a, None if batch else b,
+                    a if batch else None, b if batch else None, batch, m.eps, [True, wmask, bmask])
+                return {p: [gi]}, grads(gw, gb)
 
             return bn_fused
         return None
@@ -226,8 +236,8 @@ class NodeRules:
     def _batchnorm_push(self, u: Unit, env: dict[str, Any], parent: fx.Node, pre: Callable[[Tensor], Tensor],
                         exact: bool) -> PushFn:
         """BatchNorm's VJP with respect to its input: with batch statistics (which couple the
-        samples) autograd's own kernel, one call per stacked vector (each stays in cache); with
-        running statistics a per-channel scale."""
+        samples) autograd's own kernel, one call per vector; with running statistics a
+        per-channel scale."""
         m: nn.modules.batchnorm._BatchNorm = u.module  # type: ignore[assignment]
         xin, a, b, batch = self._batchnorm_stats(u, env)
         w = m.weight.detach() if m.weight is not None else None
@@ -237,28 +247,23 @@ class NodeRules:
             scale = torch.rsqrt(b + eps)  # type: ignore[operator]
             if w is not None:
                 scale = scale * w
-            scale = scale.reshape(1, 1, -1, *([1] * (xin.dim() - 2)))
-            return lambda s: {p: pre(s) * scale}
-
-        def bn_push(s: Tensor) -> dict[str, Tensor]:
-            outs = [torch.ops.aten.native_batch_norm_backward(pre(sk), xin, w, None, None, a, b, True, eps,
-                                                              [True, False, False])[0] for sk in s]
-            return {p: outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)}
-
-        return bn_push
+            scale = scale.reshape(1, -1, *([1] * (xin.dim() - 2)))
+            return lambda rows: {p: [pre(r) * scale for r in rows]}
+        return lambda rows: {p: [torch.ops.aten.native_batch_norm_backward(
+            pre(r), xin, w, None, None, a, b, True, eps, [True, False, False])[0] for r in rows]}
 
     def _generic_push(self, u: Unit, env: dict[str, Any], parents: list[fx.Node], d: Derivative | None) -> PushFn:
         """Autograd's VJP of the unit's operation at the forward values (random draws replayed,
-        buffers as before the forward pass), batched over the stack."""
-        pre = (lambda s: s) if d is None else (lambda s: times_derivative(s, d))
+        buffers as before the forward pass), batched over the vectors."""
         vjp = self._vjp(u, env, self._function(u, env, parents), tuple(env[a.name] for a in parents))
         names = [self.owner[a.name] for a in parents]
 
-        def generic_push(s: Tensor) -> dict[str, Tensor]:
+        def generic_push(rows: Rows) -> dict[str, Rows]:
+            v = torch.stack([times_derivative(r, d) for r in rows])
             out: dict[str, Tensor] = {}
-            for nm, g in zip(names, vjp(pre(s), True)):
+            for nm, g in zip(names, vjp(v, True)):
                 out[nm] = out[nm] + g if nm in out else g
-            return out
+            return {nm: list(g.unbind(0)) for nm, g in out.items()}
 
         return generic_push
 
