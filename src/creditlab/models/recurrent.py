@@ -7,9 +7,10 @@ flat input of n features, ``rows`` steps, by default sqrt(n) when n is a square)
 linear head maps the last time step's hidden state to the classes. The forward accepts the
 batch as (B, C, H, W) or flat (B, C*H*W).
 
-Feedback alignment and DFA route only the head (``nn.LSTM``'s ``weight_ih_l*`` /
-``weight_hh_l*`` are raw parameters used inside one fused operation): the LSTM is trained by
-autograd (backprop through time) from the error that the head's feedback sends it.
+Feedback alignment and DFA can route only the head (``nn.LSTM``'s ``weight_ih_l*`` /
+``weight_hh_l*`` are raw parameters used inside one fused operation), so they refuse this
+model by name; with ``unrouted=autograd`` (e.g. ``fa:unrouted=autograd``) the LSTM is trained
+by autograd (backprop through time) from the error that the head's feedback sends it.
 Written for ``torch.fx`` (the LSTM is a leaf module; no in-place operations).
 """
 

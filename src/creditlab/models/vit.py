@@ -12,8 +12,9 @@ final LayerNorm; a linear head on the class token. No dropout.
 (reshaped to heads, indexed, ``softmax(q k^T / sqrt(d)) v``) and an ``nn.Linear`` output
 projection, so feedback alignment routes every weight matrix; ``torch`` uses
 ``nn.MultiheadAttention`` (its ``in_proj_weight`` is a bare parameter and its ``out_proj`` is
-never *called*, so FA/DFA route neither: they get autograd's gradient of the error that reaches
-the attention, i.e. backprop inside the attention).
+never *called*, so FA/DFA cannot route either: they refuse the model by name, and with
+``fa:unrouted=autograd`` train the attention by autograd from the error that reaches it, i.e.
+backprop inside the attention).
 
 Init: truncated normal (std 0.02) for the linear weights, the class token and the position
 embedding; zero biases; LayerNorm weight 1, bias 0; the patch convolution keeps PyTorch's init.
