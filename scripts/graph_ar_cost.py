@@ -1,0 +1,153 @@
+"""The cost model of graph AR on CIFAR ResNets (He et al. 2016, 6n + 2 layers) beside measured
+step times: docs/graph_ar.md, "Cost".
+
+For each depth it counts, on the traced graph, the states, the longest path and the vectors
+the relaxation's vector-Jacobian products carry in one step (each unit's VJP applied to its
+stacked vectors, one batched call per unit), for ``steps=inf``, ``init=zero`` and
+``init=forward`` (T = 100, eta = 0.1, synchronous), with the terms below the dtype's precision
+dropped (``tol=eps``) and without (``tol=0``); and the same weighted by each Conv2d/Linear
+unit's multiply-adds, in backward passes (``steps=inf`` = 1). The counts do not depend on the
+width, the batch or the data, so they are taken at width 2 on 8x8 inputs. Then it times whole
+training steps (forward, credit assignment, SGD step) of bp and the three AR variants at full
+width, CIFAR 32x32, batch 64, interleaved, one thread, and reports medians of wall and of
+thread CPU time (on a shared machine the CPU time is the steadier of the two).
+
+    OMP_NUM_THREADS=1 python scripts/graph_ar_cost.py --measure 20,32 --repeats 5 > cost.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from creditlab.algorithms import build_algorithm  # noqa: E402
+from creditlab.algorithms.graph_ar import GraphActivationRelaxation, relax_graph_exact  # noqa: E402
+from creditlab.losses import build_loss  # noqa: E402
+from creditlab.models.resnet import CifarResNet, _init  # noqa: E402
+
+VARIANTS = {"steps=inf": (math.inf, None), "init=zero": (100, "zero"), "init=forward": (100, "forward")}
+
+
+def resnet(depth: int, width: int, in_hw: int = 32) -> nn.Module:
+    n = (depth - 2) // 6
+    return _init(CifarResNet(3, 10, [width, 2 * width, 4 * width], [n, n, n], "A"), "he")
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Multiply-adds of every Conv2d / Linear module (by qualified name) at input ``x``."""
+    out: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def hook(mod, inp, res, name=name):
+                per = mod.weight[0].numel() if isinstance(mod, nn.Conv2d) else mod.in_features
+                out[name] = int(res.numel() // res.shape[0]) * per
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def count(depth: int, dtype: torch.dtype) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = resnet(depth, 2).to(dtype).train()
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    y = torch.randint(0, 10, (4,))
+    loss = build_loss("mse")
+    algo = GraphActivationRelaxation(model, loss, verify="off")
+    mac = macs(model, x)
+    with torch.no_grad():
+        env = algo.forward_values(x)
+        rel, _ = algo.build(env, loss.grad(env[algo.out_node.name], y))
+    longest: dict[str, int] = {rel.out: 0}
+    for u in reversed(rel.order):
+        for p in rel.parents[u]:
+            longest[p] = max(longest.get(p, 0), longest[u] + 1)
+    row: dict[str, float] = {"depth": depth, "states": len(rel.order), "longest": max(longest.values())}
+    for name, (steps, init) in VARIANTS.items():
+        for tol in ((None,) if math.isinf(steps) else (None, 0.0)):
+            x0 = {u: env[u] for u in rel.free} if init == "forward" else None
+            with torch.no_grad():
+                relax_graph_exact(rel, x0, steps, 0.1, "synchronous", tol=tol)
+            key = name + ("" if tol is None else ",tol=0")
+            row[key] = sum(rel.rows.values())
+            weighted = [(rel.rows.get(u, 0), mac[algo.unit_label(u)]) for u in rel.order
+                        if algo.unit_label(u) in mac and rel.push[u].__name__ != "no_push"]
+            row[key + ":passes"] = sum(r * m for r, m in weighted) / sum(m for _, m in weighted)
+    return row
+
+
+def measure(depth: int, repeats: int, warmup: int, batch: int) -> dict[str, tuple[float, float]]:
+    """Median (wall ms, thread-CPU ms) of a training step per algorithm, interleaved."""
+    specs = ["bp", "ar:steps=inf", "ar:init=zero", "ar"]
+    x = torch.rand(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    runs = []
+    for spec in specs:
+        torch.manual_seed(0)
+        net = resnet(depth, 16)
+        algo = build_algorithm(spec, net, build_loss("mse"))
+        runs.append((spec, algo, torch.optim.SGD(net.parameters(), lr=5e-4)))
+    times: dict[str, list[tuple[float, float]]] = {s: [] for s in specs}
+    for i in range(warmup + repeats):
+        for spec, algo, opt in runs:
+            w, c = time.perf_counter(), time.thread_time()
+            opt.zero_grad(set_to_none=True)
+            algo.step(x, y)
+            opt.step()
+            if i >= warmup:
+                times[spec].append((time.perf_counter() - w, time.thread_time() - c))
+    return {s: (statistics.median(t[0] for t in ts) * 1e3, statistics.median(t[1] for t in ts) * 1e3)
+            for s, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", default="20,32,44,56,110")
+    ap.add_argument("--measure", default="20", help="depths to time (comma-separated; empty: none)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    depths = [int(d) for d in args.depths.split(",")]
+    print("| depth | states | longest path | `steps=inf` | `init=zero` float32 (tol=0) | float64 "
+          "| `init=forward` float32 (tol=0) | float64 |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows32 = {d: count(d, torch.float32) for d in depths}
+    rows64 = {d: count(d, torch.float64) for d in depths}
+    for d in depths:
+        r, r64 = rows32[d], rows64[d]
+
+        def cell(key: str, r=r) -> str:
+            return f"{r[key]:.0f} / {r[key + ':passes']:.1f}"
+        print(f"| {d} | {r['states']:.0f} | {r['longest']:.0f} | {cell('steps=inf')} "
+              f"| {cell('init=zero')} ({cell('init=zero,tol=0')}) | {r64['init=zero']:.0f} / "
+              f"{r64['init=zero:passes']:.1f} | {cell('init=forward')} ({cell('init=forward,tol=0')}) "
+              f"| {r64['init=forward']:.0f} / {r64['init=forward:passes']:.1f} |")
+    measured = [int(d) for d in args.measure.split(",") if d]
+    if not measured:
+        return
+    print()
+    print(f"| depth | bp ms (wall / CPU) | `ar:steps=inf` | `ar:init=zero` | `ar` (init=forward) |  "
+          f"(ratio to bp: wall / CPU; batch {args.batch}, float32, median of {args.repeats})")
+    print("|---|---|---|---|---|")
+    for d in measured:
+        t = measure(d, args.repeats, args.warmup, args.batch)
+        bw, bc = t["bp"]
+        cells = [f"{t[s][0] / bw:.2f}x / {t[s][1] / bc:.2f}x" for s in ("ar:steps=inf", "ar:init=zero", "ar")]
+        print(f"| {d} | {bw:.0f} / {bc:.0f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
