@@ -437,8 +437,10 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                         if dd is not None:
                             _sum_updates(dd, optimizer, reported)
                         check_finite(checked, algo, res.loss, global_step)
+                        diag: dict = {}
                         if log_now:
                             t_log = time.perf_counter()
+                            diag = algo.diagnostics()  # of this step, before the optimizer applies it
                             bp = shadow_backprop(model, loss, xb, yb, rng_before)
                             if dd is not None:
                                 dd.sum_(list(bp.values()))
@@ -463,7 +465,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                         step_loss = float(res.loss) if dd is None else dd.sum_floats([float(res.loss)])[0]
                         log.log_step({"kind": "step", "epoch": epoch, "step": global_step - 1, "loss": step_loss,
                                        "angles": {r["name"]: r["angle_deg"] for r in rows}, "mean_angle_deg": m,
-                                       **res.extras, **algo.diagnostics()})
+                                       **res.extras, **diag})
                     stop.check()  # at a step boundary: the checkpoint below is consistent
             except (KeyboardInterrupt, StopRequested) as e:
                 interrupted = True

@@ -63,7 +63,9 @@ class Algorithm:
         """Called by the loop before each epoch (0-based); e.g. alternating schedules."""
 
     def diagnostics(self) -> dict[str, float]:
-        """Scalars about the algorithm's own state (feedback alignment etc.) for the log."""
+        """Scalars about the algorithm's own state (feedback alignment, relaxation residuals, ...)
+        for the log; the loop asks for them on logged steps only, after :meth:`reported_updates`
+        and before the optimizer applies the step."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
