@@ -50,7 +50,7 @@ from creditlab.algorithms._ar_options import (
     DIVERGENCE_HINT,
     check_relaxation_options,
 )
-from creditlab.algorithms._relaxation_weights import relaxation_weights, tail_weights
+from creditlab.algorithms._relaxation_weights import relative_residual, relaxation_weights, tail_weights
 from creditlab.algorithms._verify import guard_first_step, snapshot
 from creditlab.errors import ConfigError
 from creditlab.models import MLP, require_mlp
@@ -289,9 +289,7 @@ class ActivationRelaxation(Algorithm):
             star = probe["rel"].fixed_point()
             res = {}
             for l in range(1, L):
-                xs, xt = star[l].double(), probe["states"][l].double()  # type: ignore[union-attr]
-                den, num = float(xs.norm()), float((xt - xs).norm())
-                res[f"layers.{l - 1}"] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+                res[f"layers.{l - 1}"] = relative_residual(probe["states"][l], star[l])  # type: ignore[arg-type]
         self._residual, self._probe = res, None
         return res
 

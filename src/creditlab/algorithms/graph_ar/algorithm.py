@@ -14,6 +14,7 @@ from creditlab.algorithms._ar_options import (
     DIVERGENCE_HINT,
     check_relaxation_options,
 )
+from creditlab.algorithms._relaxation_weights import relative_residual
 from creditlab.algorithms._verify import snapshot
 from creditlab.algorithms.graph_ar.guard import GuardRules
 from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, Derivative, act_derivative
@@ -217,10 +218,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
             star = probe["rel"].fixed_point()
             res = {}
             for u in probe["free"]:
-                xs, xt = star[u].double(), probe["states"][u].double()
-                den = float(xs.norm())
-                num = float((xt - xs).norm())
-                res[self.unit_label(u)] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+                res[self.unit_label(u)] = relative_residual(probe["states"][u], star[u])
         self._residual, self._probe = res, None
         return res
 

@@ -297,6 +297,21 @@ def _batchnorm_with_stats(mod: nn.modules.batchnorm._BatchNorm, x: Tensor
     return out, (mean, invstd)
 
 
+
+def _with_record(g: fx.Graph, m: fx.Node, fn: Any, args: tuple) -> list[fx.Node]:
+    """Replace node ``m`` by ``fn(*args)``, which returns (its value, a record of the forward
+    pass), and return the two getitem nodes: the value takes ``m``'s uses, the record is
+    recorded beside it."""
+    with g.inserting_after(m):
+        both = g.call_function(fn, args)
+    with g.inserting_after(both):
+        val = g.call_function(operator.getitem, (both, 0))
+    with g.inserting_after(val):
+        rec = g.call_function(operator.getitem, (both, 1))
+    m.replace_all_uses_with(val)
+    g.erase_node(m)
+    return [val, rec]
+
 def recording_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of the traced graph that returns every node's value (one compiled call, no
     interpreter); ``nn.MaxPool2d`` nodes also return their argmax indices (``NAME#idx``),
@@ -324,28 +339,12 @@ def recording_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
                 and not n.meta.get("inplace_module"):
             with g.inserting_before(m):
                 mod_node = g.get_attr(str(n.target))
-            with g.inserting_after(m):
-                both = g.call_function(_batchnorm_with_stats, (mod_node, m.args[0]))
-            with g.inserting_after(both):
-                val = g.call_function(operator.getitem, (both, 0))
-            with g.inserting_after(val):
-                stats = g.call_function(operator.getitem, (both, 1))
-            m.replace_all_uses_with(val)
-            g.erase_node(m)
+            outs += _with_record(g, m, _batchnorm_with_stats, (mod_node, m.args[0]))
             names += [n.name, n.name + "#bnstats"]
-            outs += [val, stats]
         elif type(mod) is nn.MaxPool2d and not mod.return_indices and len(n.args) == 1 and not n.kwargs:
-            with g.inserting_after(m):
-                both = g.call_function(_pool_with_indices, (m.args[0], mod.kernel_size, mod.stride, mod.padding,
-                                                            mod.dilation, mod.ceil_mode))
-            with g.inserting_after(both):
-                val = g.call_function(operator.getitem, (both, 0))
-            with g.inserting_after(val):
-                idx = g.call_function(operator.getitem, (both, 1))
-            m.replace_all_uses_with(val)
-            g.erase_node(m)
+            outs += _with_record(g, m, _pool_with_indices, (m.args[0], mod.kernel_size, mod.stride, mod.padding,
+                                                             mod.dilation, mod.ceil_mode))
             names += [n.name, n.name + "#idx"]
-            outs += [val, idx]
         else:
             names.append(n.name)
             outs.append(m)
