@@ -146,7 +146,7 @@ def test_residual_is_never_computed_with_updated_parameters(kind):
     opt.step()  # the weights moved: the step's Jacobians are gone
     assert algo.relaxation_residuals() is None
     assert not any(k.startswith("relax_residual") for k in algo.diagnostics())
-    algo.step(x, y)  # as the training loop does on a logged step: reported_updates(), then the update
+    algo.step(x, y)  # as the training loop does on a logged step: diagnostics(), then the update
     assert algo.reported_updates() is None
     before = dict(algo.relaxation_residuals())
     opt.step()

@@ -85,12 +85,3 @@ def _negbin(steps: int, eta: float, k: int) -> float:
         return 0.0
     return math.exp(math.lgamma(steps + k) - math.lgamma(k + 1) - math.lgamma(steps)
                     + steps * math.log1p(-eta) + k * math.log(eta)) if eta < 1 else 0.0
-
-
-def relative_residual(state, equilibrium) -> float:
-    """||x(T) - x*|| / ||x*|| of one relaxed state (in float64): how far the relaxation left it
-    from its equilibrium; 0 where both are 0, inf where only the equilibrium is."""
-    xs, xt = equilibrium.double(), state.double()
-    den, num = float(xs.norm()), float((xt - xs).norm())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
-

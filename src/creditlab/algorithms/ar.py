@@ -50,7 +50,8 @@ from creditlab.algorithms._ar_options import (
     DIVERGENCE_HINT,
     check_relaxation_options,
 )
-from creditlab.algorithms._relaxation_weights import relative_residual, relaxation_weights, tail_weights
+from creditlab.algorithms._relaxation_weights import relaxation_weights, tail_weights
+from creditlab.algorithms._residuals import RelaxationResidual
 from creditlab.algorithms._verify import guard_first_step, snapshot
 from creditlab.errors import ConfigError
 from creditlab.models import MLP, require_mlp
@@ -172,7 +173,7 @@ def relax_simulate(
 # the algorithm
 # ----------------------------------------------------------------------------------------
 @register_algorithm
-class ActivationRelaxation(Algorithm):
+class ActivationRelaxation(RelaxationResidual, Algorithm):
     """``ar``: Activation Relaxation on an MLP (see the module docstring for the equations).
 
     Options: ``mode`` exact|simulate, ``steps`` (int or inf), ``eta``, ``init`` forward|zero,
@@ -215,8 +216,6 @@ class ActivationRelaxation(Algorithm):
         self.last_trace: list[list[float]] | None = None
         self._verified = False
         self._rel: Relaxation | None = None
-        self._probe: dict[str, Any] | None = None  # the last step's relaxation, for its residual
-        self._residual: dict[str, float] | None = None
 
     # -- optimizer and checkpoint plumbing ------------------------------------------
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -250,12 +249,7 @@ class ActivationRelaxation(Algorithm):
         """Per hidden state ``relax_residual/layers.L`` (the state the layer ``layers.L``
         produces; and ``relax_residual_max``, ``_mean``): :meth:`relaxation_residuals`; with
         learned or random feedback, the alignment of psi^T with W per layer."""
-        out: dict[str, float] = {}
-        res = self.relaxation_residuals()
-        if res:
-            out.update({f"relax_residual/{k}": v for k, v in res.items()})
-            out["relax_residual_max"] = max(res.values())
-            out["relax_residual_mean"] = sum(res.values()) / len(res)
+        out = self.residual_diagnostics()
         if self.feedback is None:
             return out
         from creditlab.diagnostics.feedback import feedback_alignment
@@ -266,38 +260,6 @@ class ActivationRelaxation(Algorithm):
 
     def _watched(self) -> list[Tensor]:
         return list(self.mlp.parameters()) + (list(self.feedback) if self.feedback is not None else [])
-
-    @torch.no_grad()
-    def relaxation_residuals(self) -> dict[str, float] | None:
-        """||x^l(T) - x^l*|| / ||x^l*|| for the hidden states l = 1..L-1 of the last step, by the
-        layer producing them (``layers.{l-1}``; 0/0 reads 0): x(T) the states the updates used,
-        x* the fixed point of the same relaxation (steps = inf: 0 by construction). x* is one
-        more backward pass, made on the first call after a step (the training loop calls
-        ``reported_updates()`` on logged steps before the optimizer step, which makes it then),
-        only while the weights are those of the step (version counters; else None)."""
-        if self._residual is not None:
-            return self._residual
-        probe = self._probe
-        if probe is None:
-            return None
-        L = len(self.mlp.layers)
-        if "rel" not in probe:
-            res = {f"layers.{l - 1}": 0.0 for l in range(1, L)}
-        elif [p._version for p in self._watched()] != probe["versions"]:
-            return None
-        else:
-            star = probe["rel"].fixed_point()
-            res = {}
-            for l in range(1, L):
-                res[f"layers.{l - 1}"] = relative_residual(probe["states"][l], star[l])  # type: ignore[arg-type]
-        self._residual, self._probe = res, None
-        return res
-
-    def reported_updates(self) -> None:
-        """The updates are ``.grad``; called by the training loop on logged steps before the
-        optimizer step, it computes the relaxation residual while the Jacobians are the step's."""
-        self.relaxation_residuals()
-        return None
 
     # -- the algorithm ---------------------------------------------------------------
     @torch.no_grad()
@@ -325,15 +287,13 @@ class ActivationRelaxation(Algorithm):
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         pending = self.options["verify"] == "first" and not self._verified
         before = snapshot(self.mlp, x.device) if pending else None
-        self._probe = None
+        self._forget_relaxation()
         with torch.no_grad():
             trace = self.mlp.trace(x)
             loss = self.loss(trace.out, y)
             states = self.relax(trace, y)
-            # what the residual needs until the next step (steps = inf: nothing, it is 0)
-            self._probe = {} if math.isinf(self.options["steps"]) else {
-                "rel": self._rel, "states": states, "versions": [p._version for p in self._watched()]}
-            self._residual = None
+            labels = {f"layers.{l - 1}": l for l in range(1, len(self.mlp.layers))}  # by the layer producing it
+            self._remember_relaxation(labels, *((None, None) if math.isinf(self.options["steps"]) else (self._rel, states)))
             self._rel = None
             grads, fb = self.updates(trace, states, bool(self.options["update_derivative"]))
             for p, g in grads.values():

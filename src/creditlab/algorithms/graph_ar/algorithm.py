@@ -14,7 +14,7 @@ from creditlab.algorithms._ar_options import (
     DIVERGENCE_HINT,
     check_relaxation_options,
 )
-from creditlab.algorithms._relaxation_weights import relative_residual
+from creditlab.algorithms._residuals import RelaxationResidual
 from creditlab.algorithms._verify import snapshot
 from creditlab.algorithms.graph_ar.guard import GuardRules
 from creditlab.algorithms.graph_ar.ops import DERIVATIVE_CHOICES, Derivative, act_derivative
@@ -52,7 +52,7 @@ def _init_feedback(w: Tensor, spec: str, kind: str) -> None:
 
 
 @register_algorithm
-class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
+class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algorithm):
     """``graph_ar``: Activation Relaxation on any torch.fx-traceable module (Appendix A);
     ``ar`` on a model that is not an MLP builds this. Options as ``ar`` (module docstring)."""
 
@@ -71,8 +71,6 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         self._key: tuple[bool, ...] | None = None
         self._buffers_before: dict[str, Tensor] = {}
         self._checking = False  # the guard's re-evaluation check, on its pending step
-        self._probe: dict[str, Any] | None = None  # the last step's relaxation, for its residual
-        self._residual: dict[str, float] | None = None
         self.last_rows: dict[str, int] = {}  # vectors each unit's pushes carried in the last step
         self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
@@ -159,12 +157,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         """Per unit ``relax_residual/NAME`` (and ``relax_residual_max``, ``_mean``): how far the
         last step's relaxation left each state from its equilibrium (:meth:`relaxation_residuals`);
         with learned or random feedback, the alignment of psi^T with W per module."""
-        out: dict[str, float] = {}
-        res = self.relaxation_residuals()
-        if res:
-            out.update({f"relax_residual/{k}": v for k, v in res.items()})
-            out["relax_residual_max"] = max(res.values())
-            out["relax_residual_mean"] = sum(res.values()) / len(res)
+        out = self.residual_diagnostics()
         if not len(self.feedback):
             return out
         from creditlab.diagnostics.feedback import feedback_alignment
@@ -189,44 +182,8 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         """Keep what the residual needs until the next step: for steps = inf only the unit names
         (it is 0), else the problem (its pushes hold the forward values) and the states."""
         self.last_rows = dict(rel.rows)
-        if math.isinf(self.options["steps"]):
-            self._probe = {"free": rel.free}
-        else:
-            self._probe = {"free": rel.free, "rel": rel, "states": states,
-                           "versions": [p._version for p in self._watched()]}
-        self._residual = None
-
-    @torch.no_grad()
-    def relaxation_residuals(self) -> dict[str, float] | None:
-        """||x_i(T) - x_i*|| / ||x_i*|| for every relaxing unit i of the last step (not the clamped
-        output; 0/0 reads 0): x(T) the states the updates used, x* the equilibrium of the same
-        Jacobians (for steps = inf, 0 by construction). Computing x* is one more backward pass,
-        made on the first call after a step (the training loop calls ``reported_updates()``
-        on logged steps before the optimizer step, which makes it then) and only while the
-        parameters are those of the step (checked by their version counters; else None: a
-        stale value is never reported)."""
-        if self._residual is not None:
-            return self._residual
-        probe = self._probe
-        if probe is None:
-            return None
-        if "rel" not in probe:  # steps = inf
-            res = {self.unit_label(u): 0.0 for u in probe["free"]}
-        elif [p._version for p in self._watched()] != probe["versions"]:
-            return None
-        else:
-            star = probe["rel"].fixed_point()
-            res = {}
-            for u in probe["free"]:
-                res[self.unit_label(u)] = relative_residual(probe["states"][u], star[u])
-        self._residual, self._probe = res, None
-        return res
-
-    def reported_updates(self) -> None:
-        """The updates are ``.grad``; called by the training loop on logged steps before the
-        optimizer step, it computes the relaxation residual while the Jacobians are the step's."""
-        self.relaxation_residuals()
-        return None
+        labels = {self.unit_label(u): u for u in rel.free}
+        self._remember_relaxation(labels, *((None, None) if math.isinf(self.options["steps"]) else (rel, states)))
 
     @torch.no_grad()
     def forward_values(self, x: Tensor) -> dict[str, Any]:
@@ -285,7 +242,7 @@ class GraphActivationRelaxation(NodeRules, GuardRules, Algorithm):
         return rel, states, derivs
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        self._probe = None  # the last step's relaxation is released before this one allocates
+        self._forget_relaxation()  # the last step's relaxation is released before this one allocates
         self._use_graph()
         pending = self.options["verify"] == "first" and not self._verified
         self._checking = pending
