@@ -84,17 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--deterministic", action="store_true",
                         help="torch's deterministic algorithms (config key deterministic)")
 
-    overwrite_help = "replace an existing run in --out (removes it first)"
+    def writing(sp, into: str):
+        """The flags of the commands that write runs (train, compare)."""
+        sp.add_argument("--tensorboard", action="store_true",
+                        help=f"also write TensorBoard event files into {into} (config key logging.tensorboard; "
+                             'needs pip install -e ".[tensorboard]"); view with tensorboard --logdir OUT')
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing run in --out (removes it first)")
+
     t = sub.add_parser("train", help="train one algorithm and seed")
     common(t, "run", "continue the run in --out from its checkpoint (without --config: with the run's stored "
                      "config.yaml)")
     t.add_argument("--algo", help="algorithm spec (config key algo), e.g. ar:steps=100,eta=0.1; see creditlab list")
     t.add_argument("--seed", type=int, dest="config_seed", metavar="SEED", help="seed of the run (config key seed)")
     t.add_argument("--nproc", type=int, help="data-parallel processes on this machine (runs torchrun --standalone)")
-    t.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files into the run directory (config key logging.tensorboard; "
-                        'needs pip install -e ".[tensorboard]"); view with tensorboard --logdir OUT')
-    t.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    writing(t, "the run directory")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("compare", help="every algorithm x seed on identical batches (default: the quick start)")
@@ -106,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel local processes (threads each: the config's, else cores // jobs); same numbers as serial")
     c.add_argument("--plan", metavar="DIR", help="write each run's config and one command line per run into "
                                                  "DIR/commands.txt (for a job array) instead of running; then collect DIR")
-    c.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files into every run's directory (config key logging.tensorboard; "
-                        'needs pip install -e ".[tensorboard]"); view with tensorboard --logdir OUT')
-    c.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    writing(c, "every run's directory")
     c.set_defaults(fn=cmd_compare)
 
     g = sub.add_parser("collect", help="summarise a planned comparison (compare --plan DIR) from its finished runs")
