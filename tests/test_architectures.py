@@ -21,24 +21,12 @@ from creditlab.diagnostics import backprop_grads
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
 from creditlab.models import build_named_model, model_names
+from tests.tiny_models import TINY_IDS, TINY_MODELS
 
 DT = torch.float64
 CLASSES = 3
 
-# (name, input shape, tiny options)
-TINY = [
-    ("resnet20", (3, 8, 8), {"width": 2}),
-    ("resnet20", (3, 8, 8), {"width": 2, "shortcut": "B"}),
-    ("resnet56", (3, 8, 8), {"width": 1}),
-    ("resnet18", (3, 8, 8), {"width": 2}),
-    ("resnet18", (1, 8, 8), {"width": 1, "shortcut": "A"}),
-    ("vit-tiny", (1, 28, 28), {"dim": 8, "depth": 2, "heads": 2, "patch": 7}),
-    ("vit-tiny", (3, 32, 32), {"dim": 8, "depth": 1, "heads": 2, "patch": 4, "mlp_ratio": 2}),
-    ("vit-tiny", (1, 28, 28), {"dim": 8, "depth": 1, "heads": 2, "patch": 7, "attention": "torch"}),
-    ("lstm-smnist", (1, 28, 28), {"hidden": 6}),
-    ("lstm-smnist", (784,), {"hidden": 5, "layers": 2}),
-]
-IDS = [f"{n}-{'x'.join(map(str, s))}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, s, o in TINY]
+TINY, IDS = TINY_MODELS, TINY_IDS
 BN_MODELS = [t for t in TINY if t[0].startswith("resnet")]
 BN_IDS = [i for i, t in zip(IDS, TINY) if t[0].startswith("resnet")]
 
