@@ -7,10 +7,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,23 +17,12 @@ from creditlab.compare import compare
 from creditlab.errors import ConfigError, CreditlabError
 from creditlab.rundir import LOCK, RunLock, resume_differences
 from creditlab.train import _resumable, train
+from tests.run_helpers import creditlab_process as _cli
+from tests.run_helpers import logged_lines, metric_rows, wait_until
 
 SMALL = {"dataset": "fake:n=240,classes=3,shape=1x4x4,test=30", "val_size": 40, "model": {"arch": "16-8-3", "act": "tanh"},
          "loss": "cross_entropy", "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": 2, "batch_size": 20,
          "log_every": 3, "threads": 1, "algo": "bp"}
-
-
-def rows(run: Path) -> list[dict]:
-    out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in out:
-        r.pop("seconds", None)
-    return out
-
-
-def _cli(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "creditlab", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 # ---- resume continues the run that was started -----------------------------------------
@@ -77,7 +62,7 @@ def test_extending_a_finished_run_equals_training_it_longer(tmp_path):
     train(dict(SMALL, epochs=3), tmp_path / "ref", progress=False)
     train(dict(SMALL, epochs=1), tmp_path / "run", progress=False)
     s = train(dict(SMALL, epochs=3), tmp_path / "run", resume=True, extend=True, progress=False)
-    assert rows(tmp_path / "run") == rows(tmp_path / "ref") and s["finished"] and s["epochs"] == 3
+    assert metric_rows(tmp_path / "run") == metric_rows(tmp_path / "ref") and s["finished"] and s["epochs"] == 3
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["epochs"] == 3
 
 
@@ -114,10 +99,10 @@ def test_the_readme_resume_example_on_a_finished_run_names_the_extension(tmp_pat
 # ---- never overwritten -----------------------------------------------------------------
 def test_a_new_run_into_a_directory_holding_a_run_is_refused_and_the_run_kept(tmp_path):
     train(dict(SMALL, epochs=1), tmp_path, progress=False)
-    before = rows(tmp_path)
+    before = metric_rows(tmp_path)
     with pytest.raises(ConfigError, match="already holds a run; continue it with --resume, replace it with --overwrite"):
         train(dict(SMALL, epochs=1, seed=1), tmp_path, progress=False)
-    assert rows(tmp_path) == before
+    assert metric_rows(tmp_path) == before
 
 
 def test_overwrite_replaces_a_comparison_and_leaves_no_stale_run_beside_it(tmp_path):
@@ -150,7 +135,7 @@ def test_resuming_a_comparison_continues_its_runs_and_restarts_one_without_a_che
     (tmp_path / "run" / "fa" / "seed0" / "checkpoint.pt").unlink()  # as if killed before its first checkpoint
     got = compare(cfg, tmp_path / "run", progress=False, resume=True, extend=True)
     for algo in ("bp", "fa"):
-        assert rows(tmp_path / "run" / algo / "seed0") == rows(tmp_path / "ref" / algo / "seed0")
+        assert metric_rows(tmp_path / "run" / algo / "seed0") == metric_rows(tmp_path / "ref" / algo / "seed0")
     assert [r["test_accuracy_mean"] for r in got["algorithms"]] == [r["test_accuracy_mean"] for r in ref["algorithms"]]
 
 
@@ -169,9 +154,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_leaves_no_stale
     cfg.write_text(yaml.safe_dump(dict(SMALL, epochs=200, dataset="fake:n=2000,classes=3,shape=1x4x4,test=30")))
     run = tmp_path / "run"
     first = _cli(["train", "--config", str(cfg), "--out", str(run), "--quiet"])
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None and not (run / "metrics.jsonl").exists():
-        time.sleep(0.02)
+    wait_until(first, (run / "metrics.jsonl").exists)
     assert first.poll() is None, first.communicate()
     second = _cli(["train", "--config", str(cfg), "--out", str(run), "--resume", "--quiet"])
     _, err = second.communicate(timeout=120)
@@ -202,12 +185,7 @@ def test_a_stop_signal_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, sig
     train(cfg, tmp_path / "ref", progress=False)
     run = tmp_path / "stopped"
     proc = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--quiet"])
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        m = run / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.01)
+    wait_until(proc, lambda: logged_lines(run) >= 4)  # some logged steps, then the signal
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -218,7 +196,7 @@ def test_a_stop_signal_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, sig
     done = _cli(["train", "--out", str(run), "--resume", "--quiet"])  # the directory alone resumes it
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
-    assert rows(run) == rows(tmp_path / "ref")
+    assert metric_rows(run) == metric_rows(tmp_path / "ref")
 
 
 # ---- full disk, damaged checkpoints ----------------------------------------------------

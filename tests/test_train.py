@@ -3,12 +3,7 @@
 checkpoints refuse other architectures, configs are validated at the edge."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +12,12 @@ import yaml
 from creditlab import config as config_mod
 from creditlab.errors import ConfigError, CreditlabError, DivergenceError
 from creditlab.train import train
+from tests.run_helpers import creditlab_process as _cli
+from tests.run_helpers import metric_rows, wait_until
 
 SMALL = {"dataset": "fake:n=400,shape=1x6x6", "model": {"arch": "36-16-10", "act": "tanh"}, "loss": "cross_entropy",
          "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": 2, "batch_size": 32, "log_every": 5,
          "threads": 1}
-
-
-def epoch_rows(run: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("seconds", None)
-    return rows
 
 
 @pytest.mark.parametrize("algo", ["bp", "ar:steps=20", "ar:feedback=learned,derivative=false"])
@@ -35,9 +25,9 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path, algo):
     cfg = dict(SMALL, algo=algo)
     train(cfg, tmp_path / "a", progress=False)
     train(cfg, tmp_path / "b", progress=False)
-    assert epoch_rows(tmp_path / "a") == epoch_rows(tmp_path / "b")
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
     other = train(dict(cfg, seed=1), tmp_path / "c", progress=False)
-    assert epoch_rows(tmp_path / "c") != epoch_rows(tmp_path / "a") and other["epochs"] == 2
+    assert metric_rows(tmp_path / "c") != metric_rows(tmp_path / "a") and other["epochs"] == 2
 
 
 def test_run_directory_holds_config_metrics_summary_checkpoint_and_plots(tmp_path):
@@ -51,30 +41,20 @@ def test_run_directory_holds_config_metrics_summary_checkpoint_and_plots(tmp_pat
     assert ck["epoch"] == 2
 
 
-def _cli(args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "creditlab", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 def test_resume_after_sigkill_ends_with_the_same_numbers(tmp_path):
     cfg = dict(SMALL, algo="ar:mode=simulate,steps=40", epochs=4, dataset="fake:n=1200,shape=1x6x6")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     train(cfg, tmp_path / "ref", progress=False)
     run = tmp_path / "killed"
     proc = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--quiet"])
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoint.pt").exists():
-            break
-        time.sleep(0.01)
+    wait_until(proc, (run / "checkpoint.pt").exists)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = _cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--resume", "--quiet"])
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
-    assert epoch_rows(run) == epoch_rows(tmp_path / "ref")
+    assert metric_rows(run) == metric_rows(tmp_path / "ref")
     ref, got = json.loads((tmp_path / "ref" / "summary.json").read_text()), json.loads((run / "summary.json").read_text())
     assert {k: v for k, v in got.items() if "second" not in k} == {k: v for k, v in ref.items() if "second" not in k}
 
@@ -143,7 +123,7 @@ def test_autoencode_task_reports_reconstruction_loss(tmp_path):
                algo="ar", epochs=2, optimizer={"name": "sgd", "lr": 0.01})
     s = train(cfg, tmp_path, progress=False)
     assert "test_loss" in s and "test_accuracy" not in s
-    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "epoch"]
+    rows = [r for r in metric_rows(tmp_path) if r["kind"] == "epoch"]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
 
 
@@ -157,7 +137,7 @@ def test_ar_training_learns_mnist_mini_above_chance(tmp_path):
 
 def test_train_subset_uses_only_the_first_images(tmp_path):
     s = train(dict(SMALL, algo="bp", epochs=1, train_subset=64, log_every=0), tmp_path, progress=False)
-    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "epoch"]
+    rows = [r for r in metric_rows(tmp_path) if r["kind"] == "epoch"]
     assert rows[0]["step"] == 2 and s["epochs"] == 1  # 64 images, batch 32
     with pytest.raises(ConfigError, match="train_subset=5000 exceeds"):
         train(dict(SMALL, algo="bp", train_subset=5000), tmp_path / "x", progress=False)
@@ -168,5 +148,5 @@ def test_logged_angles_of_backprop_on_a_dropout_model_are_zero(tmp_path):
     cfg = dict(SMALL, algo="bp", epochs=1, log_every=2,
                model={"name": "tests.dropout_factory:make"})
     train(cfg, tmp_path, progress=False)
-    rows = [r for r in epoch_rows(tmp_path) if r["kind"] == "step"]
+    rows = [r for r in metric_rows(tmp_path) if r["kind"] == "step"]
     assert rows and all(r["mean_angle_deg"] < 1e-3 for r in rows)
