@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 from torch import nn
 
 from creditlab.errors import ConfigError, CreditlabError
@@ -188,9 +187,9 @@ def resume_differences(stored: dict, given: dict) -> list[tuple[str, Any, Any]]:
             if not skip(k) and not _same(a.get(k), b.get(k))]
 
 
-def check_resume(stored_text: str, cfg: dict, extend: bool, where: Path) -> None:
-    """Refuse a ``--resume`` whose config would compute something else than the run did."""
-    stored = yaml.safe_load(stored_text) or {}
+def check_resume(stored: dict, cfg: dict, extend: bool, where: Path) -> None:
+    """Refuse a ``--resume`` whose config would compute something else than the run did
+    (``stored``: the config the checkpoint was trained with)."""
     diffs = resume_differences(stored, cfg)
     old, new = stored.get("epochs"), cfg["epochs"]
     if diffs:

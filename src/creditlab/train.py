@@ -48,6 +48,7 @@ from creditlab.metrics import MetricsWriter, NullWriter, angles_from, progress_b
 from creditlab.provenance import environment
 from creditlab.rundir import (CHECKPOINT, RunLock, check_out_dir, check_resume, check_signature, holds_run,
                               model_signature, prepare, read_checkpoint, save_checkpoint, write_json, writing)
+from creditlab.spec import format_spec, parse_spec
 
 DIVERGED = "diverged.json"  # in the run directory when a run stopped on NaN/inf: {"message", "step", "where"}
 
@@ -124,7 +125,7 @@ def shadow_backprop(model: nn.Module, loss: Loss, x: Tensor, y: Tensor, rng_befo
         set_global_rng_state(after)
 
 
-def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float], finished: bool,
+def _summary(cfg: dict, spec: str, history: list[dict], angles: list[float], finished: bool,
              processes: int = 1, layer_log: list[dict] | None = None, env: dict | None = None) -> dict:
     """A run's ``summary.json``: ``algo``, ``dataset``, ``seed``, ``epochs`` (done),
     ``finished``, ``processes`` (data-parallel runs only); the last epoch's ``train_/val_/
@@ -143,7 +144,7 @@ def _summary(cfg: dict, algo: Algorithm, history: list[dict], angles: list[float
       ``layer_angles_deg`` over them (over every layer when none differs);
     * ``environment``: the code, machine and data files (:func:`creditlab.provenance.environment`).
     """
-    s: dict[str, Any] = {"algo": algo.spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
+    s: dict[str, Any] = {"algo": spec, "dataset": cfg["dataset"], "seed": cfg["seed"],
                          "epochs": len(history), "finished": finished}
     if processes > 1:
         s["processes"] = processes  # a data-parallel run
@@ -274,7 +275,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
             lock.acquire()
             prepare(out, resume, overwrite)
         if resume:
-            ck = _resumable(out, cfg, extend, world)
+            ck = _resumable(out, cfg, extend, world, rank0)
     except CreditlabError as e:
         refused = e
     if dd is not None and dd.sum_floats([float(refused is not None)])[0] and refused is None:
@@ -288,7 +289,8 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
                 print(f"creditlab: {out} is a finished run of {cfg['epochs']} epochs; nothing to train (to train "
                       f"it further: --resume --epochs N with N > {cfg['epochs']})", file=sys.stderr, flush=True)
             env = _stored_environment(out) or environment(cfg)  # the trained run's, if its summary is there
-            summary = _summary(cfg, _Named(ck), ck["history"], ck["angles"], finished=True, processes=world,
+            spec = format_spec(*parse_spec(cfg["algo"]))  # the run's (its stored config equals cfg)
+            summary = _summary(cfg, spec, ck["history"], ck["angles"], finished=True, processes=world,
                                layer_log=_layer_log(ck, out), env=env)
             if rank0 and not (out / "summary.json").exists():  # e.g. lost with a killed job's last write
                 write_json(out / "summary.json", summary)
@@ -299,14 +301,7 @@ def train(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress:
         lock.release()
 
 
-class _Named:
-    """What :func:`_summary` reads of an algorithm, from a checkpoint (a finished run)."""
-
-    def __init__(self, ck: dict):
-        self.spec = (yaml.safe_load(ck.get("config") or "") or {}).get("algo", "?")
-
-
-def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
+def _resumable(out: Path, cfg: dict, extend: bool, world: int, rank0: bool = True) -> dict:
     """The checkpoint to resume from, once the run's stored config and ``cfg`` agree."""
     ck_path = out / CHECKPOINT
     if not ck_path.exists():
@@ -315,15 +310,15 @@ def _resumable(out: Path, cfg: dict, extend: bool, world: int) -> dict:
                                  "again with --overwrite (without --resume)")
         raise CreditlabError(f"--resume: no checkpoint at {ck_path}; start the run without --resume")
     ck = read_checkpoint(ck_path)
-    check_resume(ck.get("config") or "", cfg, extend, out)
+    stored = yaml.safe_load(ck.get("config") or "") or {}
+    check_resume(stored, cfg, extend, out)
     if ck.get("processes", 1) != world:
         raise CreditlabError(f"--resume: {out} was trained with {ck.get('processes', 1)} process(es), this is "
                              f"{world}; resume with --nproc {ck.get('processes', 1)} (the rounding of the batch "
                              "sums depends on it)")
-    stored = (yaml.safe_load(ck.get("config") or "") or {}).get("epochs")
-    if stored is not None and cfg["epochs"] > stored and int(os.environ.get("RANK", "0")) == 0:
-        print(f"creditlab: extending the run in {out} from {stored} to {cfg['epochs']} epochs", file=sys.stderr,
-              flush=True)
+    if rank0 and cfg["epochs"] > stored.get("epochs", cfg["epochs"]):
+        print(f"creditlab: extending the run in {out} from {stored['epochs']} to {cfg['epochs']} epochs",
+              file=sys.stderr, flush=True)
     return ck
 
 
@@ -496,7 +491,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
             history.append(record)
             log.log_epoch(record)
             checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
-            summary = _summary(cfg, algo, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world,
+            summary = _summary(cfg, algo.spec, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world,
                                layer_log=layer_log, env=env)
             if rank0:
                 write_json(out / "summary.json", summary)
@@ -514,7 +509,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
             write_plots(out, history, angles_from(out / "metrics.jsonl"),
                         title=f"{algo.spec}, seed {cfg['seed']}, {cfg['dataset']}")
     if not summary:
-        summary = _summary(cfg, algo, history, angles, finished=True, processes=world, layer_log=layer_log, env=env)
+        summary = _summary(cfg, algo.spec, history, angles, finished=True, processes=world, layer_log=layer_log, env=env)
         if rank0:
             write_json(out / "summary.json", summary)
     return summary
