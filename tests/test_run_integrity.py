@@ -249,3 +249,16 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, damage
     err = capsys.readouterr().err
     assert f"{ck} is not a creditlab checkpoint (or is damaged); delete it or start without --resume" in err
     assert "weights_only" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_file_outside_the_run_directory_is_not_reported_as_a_write_error(tmp_path, monkeypatch):
+    """Only errors about the run directory's own files are "cannot write"; a file elsewhere keeps
+    its own error (the command line names it as unreadable)."""
+    from creditlab import train as train_mod
+
+    def unreadable(cfg):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "data" / "x.gz"))
+
+    monkeypatch.setattr(train_mod, "build_data", unreadable)
+    with pytest.raises(FileNotFoundError):
+        train(dict(SMALL, epochs=1), tmp_path / "run", progress=False)

@@ -98,7 +98,7 @@ def holds_run(directory: Path) -> bool:
     d = Path(directory)
     if not d.is_dir():
         return False
-    return any(any(d.rglob(name)) for name in RUN_MARKERS)
+    return any(p.name in RUN_MARKERS for p in d.rglob("*"))  # one walk of the tree
 
 
 def _foreign(directory: Path) -> list[Path]:
@@ -153,13 +153,25 @@ def prepare(directory: Path, resume: bool, overwrite: bool, what: str = "run") -
 
 @contextlib.contextmanager
 def writing(directory: Path) -> Iterator[None]:
-    """Turn an OS error while writing into one line naming the path (full disk, read-only)."""
+    """Turn an OS error while writing into ``directory`` into one line naming the path (full
+    disk, read-only). An error about a file elsewhere (a dataset file that cannot be read) is
+    not the run directory's and passes through unchanged."""
     try:
         yield
     except OSError as e:
+        if e.filename is not None and not _inside(Path(e.filename), Path(directory)):
+            raise
         where = e.filename or directory
         raise RunDirError(f"cannot write {where}: {e.strerror or e}; the run directory keeps its last "
                           "checkpoint, if any (free space or choose another --out, then --resume)") from None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 # ---- the resumed run is the run that was started ---------------------------------------
