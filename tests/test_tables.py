@@ -288,3 +288,111 @@ def test_published_lookup_gives_each_value_its_kind_and_source():
     with pytest.raises(ConfigError, match="published.values.cifar.fa does not exist \\(there: bp\\)"):
         lookup(block, "cifar.fa")
     assert check_published({"test_error_pct": 2.86, "source": "Table 1", "claim": "x"}) is None  # the old free form
+
+
+# ---- diverged runs, metric-file columns, per-layer tables ----------------------------------
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory) -> Path:
+    """A real comparison in which every run diverges (an absurd learning rate)."""
+    from creditlab.compare import compare
+
+    out = tmp_path_factory.mktemp("div") / "run"
+    cfg = config.resolve({"name": "t", "dataset": "fake:n=48,classes=3,shape=1x4x4,test=12", "model": {"arch": "16-8-3"},
+                          "algos": ["bp"], "seeds": [0, 1], "epochs": 1, "batch_size": 16, "log_every": 1,
+                          "threads": 1, "optimizer": {"name": "sgd", "lr": 1e30}})
+    compare(cfg, out, progress=False)
+    return out
+
+
+def test_results_add_takes_diverged_runs_only_when_told_and_the_table_says_where(diverging, tiny, capsys):
+    steps = {s: json.loads((diverging / "bp" / f"seed{s}" / "diverged.json").read_text())["step"] for s in (0, 1)}
+    with pytest.raises(ConfigError, match="bp seed 0 diverged .*committed with --diverged-ok"):
+        add(diverging, "tiny", "div", root=tiny / "results")
+    assert not (tiny / "results/tiny/div").exists()
+    assert main(["results", "add", str(diverging), "--paper", "tiny", "--experiment", "div", "--root",
+                 str(tiny / "results"), "--diverged-ok"]) == 0
+    dest = tiny / "results/tiny/div/bp/seed0"
+    assert (dest / "diverged.json").is_file() and (dest / "config.yaml").is_file()
+    assert not (dest / "checkpoint.pt").exists()
+    (tiny / "docs/tables.yaml").write_text(SPEC + """\
+  div:
+    doc: docs/tiny.md
+    results: results/tiny/div
+    command: creditlab compare --config x.yaml --out runs/div
+    columns: [algorithm, n, epochs, test_accuracy, mean_angle]
+""")
+    (tiny / "docs/tiny.md").write_text(DOC + "<!-- creditlab-table: div -->\n<!-- /creditlab-table -->\n")
+    assert run(tiny)[1] == []
+    text = (tiny / "docs/tiny.md").read_text()
+    where = "/".join(str(s) for s in sorted(set(steps.values())))
+    assert f"| `bp` | 0 (+2 diverged) | - | diverged at step {where} | diverged at step {where} |" in text
+    assert "results add runs/div --paper tiny --experiment div --overwrite --diverged-ok" in text
+
+
+def _with_metric_files(tiny: Path) -> None:
+    """Give the tiny results' runs a metrics.csv (2 epochs) and a metrics.jsonl (2 logged steps)."""
+    for algo, seed, base in (("bp", 0, 0.5), ("bp", 1, 0.7), ("fa", 0, 0.4)):
+        d = tiny / "results/tiny/exp" / algo / f"seed{seed}"
+        (d / "metrics.csv").write_text(f"epoch,test_accuracy,test_loss\n1,{base},2.0\n2,{base + 0.1},1.5\n")
+        steps = [{"kind": "step", "step": k, "relax_residual_mean": base * (k + 1),
+                  "relax_residual/l1": base * (k + 1), "relax_residual/l2": 10 * base} for k in (0, 1)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in
+                                                   [*steps, {"kind": "epoch", "epoch": 1}]) + "\n")
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps(dict(s, layer_angles_deg={"l1": 10 * base, "l2": base, "l3": 0.0})))
+
+
+def test_epoch_and_logged_columns_read_the_runs_metric_files(tiny):
+    _with_metric_files(tiny)
+    (tiny / "docs/tables.yaml").write_text(SPEC + """\
+  files:
+    doc: docs/tiny.md
+    results: results/tiny/exp
+    command: creditlab compare ...
+    columns: [algorithm, {name: at_epoch, metric: test_accuracy, epoch: 1}, {name: at_epoch, metric: test_loss, epoch: 2},
+              {name: logged, key: relax_residual_mean}, {name: logged, key: relax_residual_mean, at: last, header: last}]
+""")
+    (tiny / "docs/tiny.md").write_text(DOC + "<!-- creditlab-table: files -->\n<!-- /creditlab-table -->\n")
+    assert run(tiny)[1] == []
+    text = (tiny / "docs/tiny.md").read_text()
+    # bp: epoch-1 accuracies 0.5, 0.7 (mean 60 %, std 14.14); residual means over steps 0.75 and 1.05
+    assert ("| test acc., epoch 1 (%) | test loss, epoch 2 | relax_residual_mean (mean over logged steps) | last |"
+            in text)
+    assert "| `bp` | 60.00 ± 14.14 | 1.500 ± 0.000 | 0.900 ± 0.212 | 1.200 ± 0.283 |" in text
+    assert "| `fa` | 40.00 | 1.500 | 0.600 | 0.800 |" in text
+
+
+def test_a_per_layer_table_has_one_row_per_layer_and_one_column_per_algorithm(tiny):
+    _with_metric_files(tiny)
+    (tiny / "docs/tables.yaml").write_text(SPEC + """\
+  angles:
+    doc: docs/tiny.md
+    results: results/tiny/exp
+    command: creditlab compare ...
+    per_layer: {quantity: angle, layers: "^l[12]$"}
+    rows: [{algo: bp}, {algo: fa, label: FA}]
+  residuals:
+    doc: docs/tiny.md
+    results: results/tiny/exp
+    command: creditlab compare ...
+    per_layer: {quantity: residual, digits: 2}
+    rows: [{algo: bp}, {algo: fa, label: FA}]
+""")
+    (tiny / "docs/tiny.md").write_text(DOC + "<!-- creditlab-table: angles -->\n<!-- /creditlab-table -->\n"
+                                       "<!-- creditlab-table: residuals -->\n<!-- /creditlab-table -->\n")
+    assert run(tiny)[1] == []
+    text = (tiny / "docs/tiny.md").read_text()
+    assert ("| layer: angle to BP (deg) | `bp` | FA |\n|---|---|---|\n| `l1` | 6.00 ± 1.41 | 4.00 |\n"
+            "| `l2` | 0.60 ± 0.14 | 0.40 |\n\n") in text  # l3 left out by the pattern
+    assert "| layer: relaxation residual | `bp` | FA |\n|---|---|---|\n| `l1` | 0.9 ± 0.21 | 0.6 |\n| `l2` | 6 ± 1.4 | 4 |\n" in text
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: at_epoch, metric: seconds_per_epoch, epoch: 1}", "an at_epoch column is"),
+    ("{name: at_epoch, metric: test_accuracy, epoch: 0}", "an at_epoch column is"),
+    ("{name: logged, at: median, key: x}", "a logged column is"),
+])
+def test_metric_file_columns_are_checked_by_name(tiny, entry, message):
+    (tiny / "docs/tables.yaml").write_text(SPEC.replace("columns: [algorithm, n,", f"columns: [{entry}, algorithm, n,"))
+    with pytest.raises(ConfigError, match=message):
+        run(tiny)

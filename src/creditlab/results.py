@@ -12,8 +12,10 @@ Layout (``ROOT`` is ``results/`` at the repository root)::
 
 ``<algo>`` is the directory name ``compare`` gives the algorithm spec
 (:func:`creditlab.compare.slug`). No checkpoints, no plots. :func:`add` copies a finished
-comparison there; it refuses one with a diverged, unfinished or missing run (naming each), and an
-existing result unless ``overwrite``.
+comparison there; it refuses one with an unfinished or missing run (naming each), one with a
+diverged run unless ``diverged_ok`` (a diverged run is then committed as its outcome: its
+``config.yaml``, ``diverged.json`` (message and step) and whatever metrics it wrote; the tables
+show it as diverged), and an existing result unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from creditlab import config as config_mod
 from creditlab.compare import PLAN, Run, planned_runs, read_outcome, slug
 from creditlab.errors import ConfigError
+from creditlab.train import DIVERGED
 
 #: the files of a comparison and of each run that are committed
 TOP_FILES = ("summary.json", "config.yaml")
@@ -33,7 +36,7 @@ RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")
 #: metrics.jsonl is committed only up to this size (bytes)
 JSONL_LIMIT = 256 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_OURS = set(TOP_FILES) | set(RUN_FILES) | {"metrics.jsonl"}
+_OURS = set(TOP_FILES) | set(RUN_FILES) | {"metrics.jsonl", DIVERGED}
 
 
 def _name(value: str, flag: str) -> str:
@@ -54,9 +57,10 @@ def comparison_runs(run_dir: Path) -> list[Run]:
     return planned_runs(config_mod.load(run_dir / "config.yaml"), run_dir)
 
 
-def check_finished(run_dir: Path) -> tuple[dict, list[Run]]:
-    """The comparison's summary and runs, if every run finished; else ConfigError naming each
-    diverged, unfinished or missing run."""
+def check_finished(run_dir: Path, diverged_ok: bool = False) -> tuple[dict, list[Run], set[Run]]:
+    """The comparison's summary, its runs and the diverged ones among them, if every run
+    finished (or diverged, with ``diverged_ok``); else ConfigError naming each diverged,
+    unfinished or missing run."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a directory")
     path = run_dir / "summary.json"
@@ -66,23 +70,36 @@ def check_finished(run_dir: Path) -> tuple[dict, list[Run]]:
         raise ConfigError(f"{run_dir} holds a single run (creditlab train), not a comparison; results add takes "
                           f"the directory of a creditlab compare or collect")
     runs = comparison_runs(run_dir)
-    bad = []
+    bad, diverged = [], set()
     for run in runs:
         o = read_outcome(run)
-        if o.status != "ok":
+        if o.status == "diverged" and diverged_ok:
+            diverged.add(run)
+        elif o.status != "ok":
             bad.append(f"{run.algo} seed {run.seed} {o.status} ({o.message}; {run.dir})")
     if bad:
+        some_diverged = any(" diverged (" in b for b in bad)
         raise ConfigError(f"{run_dir}: not a finished comparison, {len(bad)} run(s) not finished: " + "; ".join(bad)
                           + ". Resume or rerun them (creditlab compare --resume --out DIR, or the plan's rerun lines "
-                            "and creditlab collect DIR), then add the result")
+                            "and creditlab collect DIR), then add the result"
+                          + ("; a divergence that is the result itself is committed with --diverged-ok"
+                             if some_diverged else ""))
     if summary is None:
         raise ConfigError(f"{run_dir}: no summary.json (the comparison was stopped before it wrote it); "
                           f"creditlab compare --resume --out {run_dir} (or creditlab collect) writes it")
     for key in ("diverged", "incomplete"):
-        if summary.get(key):
-            names = ", ".join(f"{o['algo']} seed {o['seed']}" for o in summary[key])
-            raise ConfigError(f"{path} lists {key} runs ({names}); rerun them and the comparison first")
-    return summary, runs
+        listed = {(o["algo"], o["seed"]) for o in summary.get(key) or []}
+        if key == "diverged" and listed == {(r.algo, r.seed) for r in diverged}:
+            continue
+        if listed:
+            names = ", ".join(f"{a} seed {s}" for a, s in sorted(listed))
+            raise ConfigError(f"{path} lists {key} runs ({names}) that the run directories do not show as such; "
+                              f"rerun the comparison's summary first (creditlab compare --resume --out {run_dir}, or "
+                              f"creditlab collect)")
+    if {(r.algo, r.seed) for r in diverged} - {(o["algo"], o["seed"]) for o in summary.get("diverged") or []}:
+        raise ConfigError(f"{path} does not list every diverged run; rewrite it first (creditlab compare --resume "
+                          f"--out {run_dir}, or creditlab collect)")
+    return summary, runs, diverged
 
 
 def _check_removable(dest: Path) -> None:
@@ -93,12 +110,12 @@ def _check_removable(dest: Path) -> None:
 
 
 def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "results",
-        overwrite: bool = False) -> Path:
+        overwrite: bool = False, diverged_ok: bool = False) -> Path:
     """Copy the finished comparison in ``run_dir`` to ``root/paper/experiment`` (see the module
     docstring); returns that directory."""
     run_dir = Path(run_dir)
     dest = Path(root) / _name(paper, "--paper") / _name(experiment, "--experiment")
-    summary, runs = check_finished(run_dir)
+    summary, runs, diverged = check_finished(run_dir, diverged_ok)
     if dest.exists() and any(dest.iterdir()):
         if not overwrite:
             raise ConfigError(f"{dest} already holds a result; give --overwrite to replace it (its files are removed "
@@ -115,7 +132,11 @@ def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "re
         for run in runs:
             out = tmp / slug(run.algo) / f"seed{run.seed}"
             out.mkdir(parents=True, exist_ok=True)
-            for name in RUN_FILES:
+            if run in diverged:  # its outcome: what it wrote before it stopped
+                for name in (*RUN_FILES, DIVERGED):
+                    if (run.dir / name).is_file():
+                        shutil.copyfile(run.dir / name, out / name)
+            for name in RUN_FILES if run not in diverged else ():
                 if not (run.dir / name).is_file():
                     raise ConfigError(f"{run.dir}: no {name} (a finished run writes it); rerun {run.algo} seed "
                                       f"{run.seed}")

@@ -297,7 +297,8 @@ def cmd_list(args) -> int:
 def cmd_results(args) -> int:
     from creditlab.results import add
 
-    dest = add(args.dir, args.paper, args.experiment, root=args.root, overwrite=args.overwrite)
+    dest = add(args.dir, args.paper, args.experiment, root=args.root, overwrite=args.overwrite,
+               diverged_ok=args.diverged_ok)
     files = sum(1 for f in dest.rglob("*") if f.is_file())
     print(f"added {args.dir} -> {dest} ({files} files); then: creditlab tables")
     return 0

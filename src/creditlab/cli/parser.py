@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--experiment", required=True, help="the experiment's folder, e.g. ar-mnist (the YAML's name)")
     ra.add_argument("--root", default="results", help="the results folder (default results, in the current directory)")
     ra.add_argument("--overwrite", action="store_true", help="replace an existing result (removes it first)")
+    ra.add_argument("--diverged-ok", action="store_true",
+                    help="commit diverged runs as such (their config, diverged.json and the metrics they wrote; "
+                         "tables show them as diverged at their step) instead of refusing the comparison")
     ra.set_defaults(fn=cmd_results)
 
     tb = sub.add_parser("tables", help="write the results tables in docs/ from results/ (spec: docs/tables.yaml)")
