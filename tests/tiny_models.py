@@ -16,5 +16,6 @@ TINY_MODELS = [
     ("vit-tiny", (1, 28, 28), {"dim": 8, "depth": 1, "heads": 2, "patch": 7, "attention": "torch"}),
     ("lstm-smnist", (1, 28, 28), {"hidden": 6}),
     ("lstm-smnist", (784,), {"hidden": 5, "layers": 2}),
+    ("lenet-biotorch", (1, 28, 28), {}),  # issue 22: BioTorch's MNIST LeNet (resized to 32x32 inside)
 ]
 TINY_IDS = [f"{n}-{'x'.join(map(str, s))}" + "".join(f"-{k}={v}" for k, v in o.items()) for n, s, o in TINY_MODELS]
