@@ -33,10 +33,10 @@ def test_experiment_files_carry_table5_values():
     cfg = config.load(EXPERIMENTS / "bartunov-mnist-fc-dtp-parallel.yaml")
     assert cfg["optimizer"]["lr"] == 0.000757 and cfg["optimizer"]["betas"] == [0.99, 0.95]
     assert "alpha=0.15008" in cfg["algo"] and "sigma=0.36133" in cfg["algo"] and "inv_lr=0.000768" in cfg["algo"]
-    assert cfg["published"]["test_error_pct"] == 2.86
+    assert cfg["published"]["values"]["test_error_pct"] == 2.86 and cfg["published"]["kind"] == "paper"
     cfg = config.load(EXPERIMENTS / "bartunov-cifar-lc-bp-convnet.yaml")
     assert cfg["model"]["name"] == "cifar-conv" and cfg["augment"] == {"crop_pad": 4, "flip": "vertical"}
-    assert cfg["published"]["test_error_pct"] == 31.87
+    assert cfg["published"]["values"]["test_error_pct"] == 31.87
 
 
 @pytest.mark.parametrize("row", ["fa", "dfa", "dtp-alternating", "aosdtp-parallel", "bp-convnet"])
@@ -86,3 +86,41 @@ def test_dtp_files_take_the_published_alpha_step_on_the_batch_mean_loss(path):
         h = hs[2].clone().requires_grad_(True)
         (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model.layers[2](h), y), h)
         torch.testing.assert_close(algo.targets(hs, y)[2], hs[2] - alpha * g, rtol=1e-12, atol=1e-14)
+
+
+def _generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bartunov_generate", EXPERIMENTS / "bartunov_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_files_are_what_the_generator_writes(tmp_path, monkeypatch):
+    """The committed bartunov-*.yaml are byte-for-byte experiments/bartunov_generate.py's output."""
+    gen = _generator()
+    monkeypatch.setattr(gen, "__file__", str(tmp_path / "bartunov_generate.py"))
+    gen.main()
+    written = sorted(tmp_path.glob("bartunov-*.yaml"))
+    assert [f.name for f in written] == [f.name for f in FILES]
+    for f in written:
+        assert f.read_text() == (EXPERIMENTS / f.name).read_text(), f.name
+
+
+def test_every_table1_file_carries_its_published_cell_with_kind_and_source():
+    from creditlab.published import lookup
+
+    gen = _generator()
+    for f in FILES:
+        cfg = config.load(f)
+        name = f.stem.removeprefix("bartunov-")
+        if "autoencoder" in name:
+            assert cfg["published"]["kind"] == "paper" and "Fig. 6" in cfg["published"]["source"]
+            assert cfg["published"]["claim"] and "values" not in cfg["published"]
+            continue
+        data, arch, row = name.split("-", 2)
+        pub = lookup(cfg["published"], "test_error_pct")
+        assert pub.kind == "paper" and pub.source.startswith("Bartunov et al. 2018 (NeurIPS), Table 1")
+        assert f"{'MNIST' if data == 'mnist' else 'CIFAR-10'} {arch.upper()} test column" in pub.source
+        assert pub.value == gen.PUBLISHED[data][row][0 if arch == "fc" else 1]
