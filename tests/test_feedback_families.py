@@ -176,6 +176,32 @@ def test_kp_without_decay_keeps_w_minus_b_constant():
         assert ((w - algo.B[name]) - d0[name]).norm() <= 1e-12 * d0[name].norm(), name
 
 
+def test_kp_decays_a_weight_that_two_layers_share_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    loss = build_loss("mse")
+    plain = build_algorithm("kp:decay=0", model, loss)
+    plain.step(x, t)  # the local products alone
+    g = {n: m.weight.grad.clone() for n, m in plain.layers}
+    algo = build_algorithm("kp:decay=0.5", model, loss)
+    algo.B = plain.B  # the same feedback, so the same products
+    algo.step(x, t)
+    w = model.a.weight.detach()
+    assert torch.allclose(model.a.weight.grad, g["a"] + 0.5 * w, rtol=1e-12, atol=0)
+    for name in ("b", "c"):  # the layers that send an error below: B's update is W's plus B's decay
+        assert torch.allclose(algo.B[name].grad, g[name] + 0.5 * algo.B[name], rtol=1e-12, atol=0), name
+
+
 def test_kp_reports_the_update_without_its_decay():
     torch.manual_seed(0)
     model = _mlp()
@@ -204,6 +230,24 @@ def test_wm_mirror_recovers_the_forward_weights_from_noise_alone():
         assert before[name] > 45
         assert angle(algo.B[name], w) < 5.0, name
         assert abs(float(algo.B[name].norm() / w.norm()) - 1) < 0.1, name
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (4, 7, 5)], ids=["samples", "samples-by-positions"])
+def test_wm_mirror_step_is_the_decayed_feedback_plus_the_mean_noise_correlation(shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    algo = build_algorithm("wm:sigma=0.5,mirror_lr=0.03,mirror_decay=0.2", model, build_loss("mse"))
+    layer, b0 = model[2], algo.B["2"].clone()
+    torch.manual_seed(1)
+    algo._mirror_layer("2", layer, torch.Size(shape))
+    torch.manual_seed(1)  # the same noise: N(0, sigma^2), drawn as the layer's input
+    x = 0.5 * torch.randn(shape, dtype=torch.float64)
+    y = x @ layer.weight.detach().t()  # linear, no bias
+    corr = torch.einsum("...o,...i->oi", y, x)  # summed over the samples (and positions)
+    meets = x.numel() // x.shape[-1]  # a weight meets one input per sample and position
+    expected = (1 - 0.2) * b0 + 0.03 * corr / meets
+    assert torch.allclose(algo.B["2"], expected, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(algo.B["2"], (1 - 0.2) * b0, rtol=1e-3)
 
 
 def test_wm_mirror_on_conv_and_locally_connected_layers():

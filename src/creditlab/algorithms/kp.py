@@ -76,23 +76,19 @@ class KolenPollack(FeedbackAlignment):
         lam = self.decay * constant_share()  # batch-independent: counted once across ranks
         sent = self.state.grad_inputs  # the layers that sent an error below in this pass
         with torch.no_grad():
-            ws, gw, fb = [], [], []
+            decayed: dict[int, Tensor] = {}  # each weight once, also one that two layers share
             for n, m in self.layers:
                 w = m.weight
                 g = w.grad
                 if g is None:
                     continue
-                ws.append(w)
-                gw.append(g)
-                if sent.get(n, False):
-                    fb.append((B[n], g))
-            if lam:  # one fused call per list: these are a few small tensors
-                gb = torch._foreach_add([g for _, g in fb], [b for b, _ in fb], alpha=lam)
-                torch._foreach_add_(gw, ws, alpha=lam)
-            else:
-                gb = [g.clone() for _, g in fb]
-            for (b, _), g in zip(fb, gb):
-                b.grad = g  # B's update is W's local product (plus B's own decay)
+                if sent.get(n, False):  # B's update is W's local product plus B's own decay
+                    b = B[n]
+                    b.grad = torch.add(g, b, alpha=lam) if lam else g.clone()
+                if lam:
+                    decayed[id(w)] = w
+            for w in decayed.values():
+                w.grad.add_(w, alpha=lam)
         return res
 
     def reported_updates(self) -> dict[str, Tensor] | None:
