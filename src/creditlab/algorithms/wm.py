@@ -34,8 +34,10 @@ Details and where they differ from the sources:
 * Only layers that send an error to their input use B (not the first layer, whose input is the
   data); only they are mirrored, and ``diagnostics()`` reports them.
 * The noise is drawn with :func:`creditlab.distributed.noise_like` (per noise sample, for the
-  global batch) and the correlation sums are all-reduced before B moves, so a data-parallel run
-  equals one process with the same global batch.
+  global batch) and the ranks' correlation sums are added before B moves (for nn.Linear, whose
+  update is one GEMM into B, each rank's B holds its sum, rank 0's also the decayed B, and B is
+  all-reduced; for the other layers the sums are all-reduced), so a data-parallel run equals one
+  process with the same global batch.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from creditlab.algorithms import register_algorithm
 from creditlab.algorithms._feedback import layer_forward, sending_layers, weight_grad
 from creditlab.algorithms.fa import FeedbackAlignment
-from creditlab.distributed import all_reduce_, batch_total, noise_like
+from creditlab.distributed import all_reduce_, batch_total, constant_share, noise_like
 from creditlab.errors import ConfigError
 from creditlab.losses import Loss
 
@@ -104,13 +106,21 @@ class WeightMirror(FeedbackAlignment):
         x = noise_like(torch.empty(shape, device=w.device, dtype=w.dtype))
         if self.sigma != 1.0:
             x.mul_(self.sigma)
+        b = self.B[name]
+        if isinstance(layer, nn.Linear) and x.dim() == 2:
+            # each weight meets one input per sample: B <- (1 - lambda) B + eta / N y^T x in one
+            # GEMM; the decayed B is counted once across ranks and the ranks' sums are added after
+            y = x.mm(w.t())
+            beta = (1.0 - self.lam) * constant_share()
+            all_reduce_(b.addmm_(y.t(), x, beta=beta, alpha=self.eta / batch_total(shape[0])))
+            return
         y = layer_forward(layer, x, w, None)
         corr = all_reduce_(weight_grad(layer, y, x))  # sum over the (global) noise samples and positions
         meets = self._meets(name, layer, x, y)
         if isinstance(meets, Tensor):
             corr.div_(meets)
             meets = 1.0
-        self.B[name].mul_(1.0 - self.lam).add_(corr, alpha=self.eta / (batch_total(shape[0]) * meets))
+        b.mul_(1.0 - self.lam).add_(corr, alpha=self.eta / (batch_total(shape[0]) * meets))
 
     def _meets(self, name: str, layer: nn.Module, x: Tensor, y: Tensor) -> float | Tensor:
         """How many (non-padding) inputs each weight multiplies per sample: the local product of
