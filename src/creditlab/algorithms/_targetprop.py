@@ -23,6 +23,10 @@ Forward loss of layer l < L-1: ||f_l(h_l) - h^_{l+1}||^2 (sum over units, mean o
 gradient stopped at h_l; the output layer minimises the task loss with its input detached.
 Inverse loss of layer l: ||h~ - g_l(f_l(h~))||^2 (``noise-preserving``, DTP) or
 ||h - g_l(f_l(h~))||^2 (``denoise``, SDTP), h~ = h + N(0, sigma^2), forward parameters fixed.
+A step does not build these sums: their gradients with respect to the activities they compare,
+2 (f_l(h_l) - h^_{l+1}) / B and 2 (g_l(f_l(h~)) - target) / B, are formed in closed form and
+sent, with the task loss, into one ``torch.autograd.backward`` call from the activities (the
+same numbers autograd gives for the sums, without their graph).
 
 Schedules: ``parallel`` (both losses on every batch) or ``alternating``: every epoch is one full
 pass of the data training one loss, then one full pass training the other (``first`` says which
@@ -246,32 +250,47 @@ class TargetPropagation(Algorithm):
         return t
 
     # ---- losses -------------------------------------------------------------------------
-    def forward_losses(self, hs_graph: list[Tensor], t: list[Tensor | None], y: Tensor) -> Tensor:
-        """Sum of the layers' local losses; ``hs_graph[i+1]`` = f_i(h_i.detach()) with graph."""
+    @staticmethod
+    def _loss_scale(h: Tensor) -> Tensor:
+        """2 / B in ``h``'s dtype as autograd forms it for ``||.||^2 / B`` (1 / B rounded in the
+        dtype, then doubled), so the closed-form gradients equal autograd's of the sums."""
+        return 2.0 * (torch.ones((), device=h.device, dtype=h.dtype) / batch_total(h.shape[0]))
+
+    def forward_deltas(self, hs_graph: list[Tensor], hs: list[Tensor],
+                       t: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor]]:
+        """The hidden layers' forward losses sum_l ||f_l(h_l) - h^_{l+1}||^2 / B as (activities,
+        gradients) for ``torch.autograd.backward``: ``hs_graph[l+1]`` = f_l(h_l.detach()) with
+        its graph, gradient 2 (h_{l+1} - h^_{l+1}) / B."""
         L = len(self.layers)
-        total = self.loss(hs_graph[L], y)
-        n = batch_total(hs_graph[0].shape[0])
+        scale = self._loss_scale(hs[0])
+        outs, grads = [], []
         for i in range(L - 1):
             target = t[i + 1]
             assert target is not None
-            total = total + ((hs_graph[i + 1] - target.reshape(hs_graph[i + 1].shape)) ** 2).sum() / n
-        return total
+            h = hs[i + 1]
+            outs.append(hs_graph[i + 1])
+            grads.append((h - target.reshape(h.shape)).mul_(scale))
+        return outs, grads
 
-    def inverse_losses(self, hs: list[Tensor]) -> Tensor:
-        """Sum over l = 1..L-1 of ||target - g_l(f_l(h~_l))||^2 / batch, forward parameters fixed."""
+    def inverse_deltas(self, hs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The inverse losses sum over l = 1..L-1 of ||target - g_l(f_l(h~_l))||^2 / B (forward
+        parameters fixed) as (reconstructions with their graph, gradients 2 (rec - target) / B)."""
         L = len(self.layers)
-        n = batch_total(hs[0].shape[0])
-        total = hs[0].new_zeros(())
+        scale = self._loss_scale(hs[0])
+        outs, grads = [], []
         for i in range(1, L):
             h = hs[i]
-            ht = h + self.sigma * noise_like(h) if self.sigma > 0 else h
-            fh = self.f(i, ht, detach_params=True)
-            if i == L - 1:
-                fh = self.top_input(ht, self.output_activity(fh))
-            rec = self.inverse(i)(fh, h.shape)
+            ht = noise_like(h).mul_(self.sigma).add_(h) if self.sigma > 0 else h
+            with torch.no_grad():
+                fh = self.f(i, ht)
+                if i == L - 1:
+                    fh = self.top_input(ht, self.output_activity(fh))
+            with torch.enable_grad():
+                rec = self.inverse(i)(fh, h.shape)
             target = ht if self.inverse_loss == "preserve" else h
-            total = total + ((rec - target) ** 2).sum() / n
-        return total
+            outs.append(rec)
+            grads.append((rec.detach() - target).mul_(scale))
+        return outs, grads
 
     @torch.no_grad()
     def reconstruction_errors(self, hs: list[Tensor]) -> dict[str, float]:
@@ -292,29 +311,37 @@ class TargetPropagation(Algorithm):
             self.phase = self._pass_phase(self._done)
         for p in self.params():
             p.grad = None
+        for p in self.inverses.parameters():
+            p.grad = None
         L = len(self.layers)
-        with torch.enable_grad():
+        train_fwd = self.phase in ("both", "forward")
+        train_inv = self.phase in ("both", "inverse")
+        with torch.set_grad_enabled(train_fwd):  # the forward graph only when the forward weights learn
             hs_graph = [x]
             for i in range(L):
                 hs_graph.append(self.f(i, hs_graph[i].detach()))
         hs = [h.detach() for h in hs_graph]
-        for p in self.inverses.parameters():
-            p.grad = None
-        train_fwd = self.phase in ("both", "forward")
-        train_inv = self.phase in ("both", "inverse")
-        with torch.enable_grad():
-            total = hs[0].new_zeros(())
-            task = None
-            if train_fwd:
-                t = self.targets(hs, y)
-                fwd = self.forward_losses(hs_graph, t, y)
-                total = total + fwd
-            if train_inv:
-                total = total + self.inverse_losses(hs)
-            if total.requires_grad:
-                total.backward()
-        with torch.no_grad():
-            task = self.loss(hs[L], y)
+        outs: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        task = None
+        if train_fwd:
+            t = self.targets(hs, y)
+            with torch.enable_grad():
+                task = self.loss(hs_graph[L], y)  # the output layer learns the task loss itself
+            outs.append(task)
+            grads.append(None)
+            o, g = self.forward_deltas(hs_graph, hs, t)
+            outs += o
+            grads += g
+        if train_inv:
+            o, g = self.inverse_deltas(hs)
+            outs += o
+            grads += g
+        if outs:
+            torch.autograd.backward(outs, grads)  # one call: each activity reaches only its own layer
+        if task is None:
+            with torch.no_grad():
+                task = self.loss(hs[L], y)
         self._last_hs = hs
         if self.schedule == "alternating":
             self._done += 1  # counted once the step is complete (an interrupted step is redone)
