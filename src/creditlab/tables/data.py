@@ -9,6 +9,8 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
+
 from creditlab.compare import slug
 from creditlab.errors import ConfigError
 from creditlab.tables.spec import _AGGREGATED
@@ -22,6 +24,16 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _asked(run_dir: Path) -> str | None:
+    """The algorithm spec the run's config.yaml asked for (``ar`` on a graph model runs as
+    ``graph_ar``, and its summary names the latter)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return cfg.get("algo") if isinstance(cfg, dict) else None
 
 
 def read_results(directory: Path) -> tuple[list[str], dict[str, list[dict]], list[str]]:
@@ -40,7 +52,8 @@ def read_results(directory: Path) -> tuple[list[str], dict[str, list[dict]], lis
             run_dir = directory / slug(algo) / f"seed{s}"
             seeds[algo].append({"seed": s, "_dir": run_dir, "_diverged": _read_json(run_dir / DIVERGED)})
         for s, summary in zip(row["seeds"], seeds[algo]):
-            if not summary.get("finished") or summary.get("algo") != algo or summary.get("seed") != s:
+            if not summary.get("finished") or summary.get("seed") != s or algo not in (summary.get("algo"),
+                                                                                       _asked(summary["_dir"])):
                 problems.append(f"{directory}/{slug(algo)}/seed{s}/summary.json: row `{algo}`: not the finished run "
                                 f"of {algo} seed {s}")
         for key in _AGGREGATED:
