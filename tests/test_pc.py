@@ -204,7 +204,20 @@ def test_standard_energy_does_not_increase_over_the_relaxation_for_small_eta(nam
     assert all(b <= a * (1 + 1e-12) for a, b in pairwise(e)), e
     assert e[-1] < e[0]
     d = algo.diagnostics()
-    assert d["pc_energy_rises"] == 0 and d["pc_energy_first"] == e[0] and d["pc_energy/40"] == e[-1]
+    assert d["pc_energy_rises"] == 0 and d["pc_energy_max_rise"] == 0.0
+    assert d["pc_energy_first"] == e[0] and d["pc_energy/40"] == e[-1] and d["pc_energy_max"] == e[0]
+
+
+def test_a_relaxation_step_beyond_the_stability_limit_is_reported_as_an_energy_rise():
+    # eta = 1.9 < 2 is accepted, but F's curvature here exceeds 2 / 1.9: the energy climbs
+    model, loss = _mlp("tanh", sizes=(6, 7, 5, 3)), build_loss("mse")
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.mul_(3.0)
+    x, y = _data((6,))
+    algo, _ = _step("pc:steps=10,eta=1.9", model, loss, x, y)
+    d = algo.diagnostics()
+    assert d["pc_energy_rises"] >= 1 and d["pc_energy_max_rise"] > 0.5 and d["pc_energy_max"] > d["pc_energy_first"]
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (6,)), ("branch-concat", (6,)), ("conv-pool", (2, 6, 6))])

@@ -272,8 +272,10 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
     def diagnostics(self) -> dict[str, float]:
         """``pc_energy_first`` / ``pc_energy_last`` / ``pc_energy_max`` (:meth:`energy_trace` at
         both ends and its largest value), for the standard variant ``pc_energy_rises`` (the
-        steps at which F rose by more than the dtype's tolerance: eta beyond the stability limit
-        2 / (largest curvature of F) there, or a kink of the activation crossed),
+        steps at which F rose by more than the dtype's tolerance) and ``pc_energy_max_rise``
+        (the largest rise relative to F, 0 if none): a value node crossing a ReLU's kink gives
+        rises of about 1e-4; eta beyond the stability limit 2 / (largest curvature of F) gives
+        rises of order 1,
         ``pc_error/NAME`` per relaxed unit (root mean over the batch of ||eps_u||^2 at the values
         the update used; the output's is ||dl/dmu_out||), with ``energy_trace=true`` also
         ``pc_energy/t`` for every t, and with ``fixed_prediction`` and finite steps each value
@@ -286,7 +288,9 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
         e = s["energy"]
         out.update({"pc_energy_first": e[0], "pc_energy_last": e[-1], "pc_energy_max": max(e)})
         if not self.options["fixed_prediction"]:  # the standard relaxation descends F
-            out["pc_energy_rises"] = float(sum(b > a + s["tol"] * abs(a) for a, b in pairwise(e)))
+            rises = [(b - a) / abs(a) for a, b in pairwise(e) if b > a + s["tol"] * abs(a)]
+            out["pc_energy_rises"] = float(len(rises))
+            out["pc_energy_max_rise"] = max(rises, default=0.0)
         out.update({f"pc_error/{self.graph.unit_label(u)}": v for u, v in s["errors"].items()})
         if self.options["energy_trace"]:
             out.update({f"pc_energy/{t}": v for t, v in enumerate(e)})
