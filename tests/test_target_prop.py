@@ -373,3 +373,39 @@ def test_dtp_alpha_on_the_batch_mean_loss_is_alpha_over_batch_size_on_the_summed
     torch.testing.assert_close(mean.targets(hs, y)[2], summed.targets(hs, y)[2], rtol=1e-13, atol=1e-15)
     with pytest.raises(ConfigError, match="alpha_loss"):
         build_algorithm("dtp:alpha_loss=median", model, build_loss("cross_entropy"))
+
+
+@pytest.mark.parametrize("spec", ["tp", "dtp:inverse_loss=denoise", "dtp", "sdtp", "sdtp:inverse_loss=preserve",
+                                  "aosdtp:aux=7"])
+def test_a_step_fills_the_gradients_of_the_task_local_and_inverse_losses(spec):
+    """The step forms the losses' gradients in closed form; they equal autograd's gradients of
+    the documented sums: the task loss of the output layer (input detached), sum_l ||f_l(h_l) -
+    h^_{l+1}||^2 / B and sum_l ||target - g_l(f_l(h~_l))||^2 / B, with the same noise h~."""
+    torch.manual_seed(0)
+    model = MLP("5-6-6-4-3", act="tanh", out_act="softmax", bias=True).double()
+    loss = build_loss("cross_entropy")
+    algo = build_algorithm(spec + (",sigma=0.3" if ":" in spec else ":sigma=0.3"), model, loss)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    hs = _forward(algo, x)
+    t = algo.targets(hs, y)
+    L, n = len(algo.layers), x.shape[0]
+    torch.manual_seed(5)  # the inverse losses' noise, drawn layer by layer from the bottom
+    total = loss(algo.f(L - 1, hs[L - 1]), y)
+    for i in range(L - 1):
+        total = total + ((algo.f(i, hs[i]) - t[i + 1]) ** 2).sum() / n
+    for i in range(1, L):
+        ht = hs[i] + 0.3 * torch.randn_like(hs[i])
+        with torch.no_grad():
+            fh = algo.f(i, ht)
+            if i == L - 1:
+                fh = torch.softmax(fh, 1)
+                if spec.startswith("aosdtp"):
+                    fh = torch.cat([fh, torch.tanh(ht @ algo.aux.t())], 1)
+        target = ht if "preserve" in spec or spec == "dtp" else hs[i]
+        total = total + ((algo.inverse(i)(fh, hs[i].shape) - target) ** 2).sum() / n
+    params = list(model.parameters()) + list(algo.inverses.parameters())
+    expected = torch.autograd.grad(total, params)
+    torch.manual_seed(5)
+    algo.step(x, y)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)

@@ -227,18 +227,27 @@ class TargetPropagation(Algorithm):
         """[None, h^_1, ..., h^_{L-1}, h^_L] from the detached forward activities ``hs``."""
         L = len(self.layers)
         t: list[Tensor | None] = [None] * (L + 1)
-        out_act = self.output_activity(hs[L])
         t[L] = self.output_target(hs[L], y)
         if self.penultimate == "gradient":
             t[L - 1] = hs[L - 1] - self.alpha * self.penultimate_gradient(hs[L - 1], y)
+        elif self.penultimate == "aux":
+            # h_{L-1} - g(o, z) + g(o^, z): both terms share the auxiliary part z V_z + c of the
+            # inverse's pre-activation, computed once
+            g = self.inverse(L - 1)
+            n_out = t[L].shape[1]
+            shared = self.aux_features(hs[L - 1]) @ g.weight[n_out:] + g.bias
+            g_hat = g.act(t[L] @ g.weight[:n_out] + shared)
+            if self.correction:
+                g_out = g.act(self.output_activity(hs[L]) @ g.weight[:n_out] + shared)
+                t[L - 1] = hs[L - 1] - g_out + g_hat
+            else:
+                t[L - 1] = g_hat
         else:
             g, shape = self.inverse(L - 1), hs[L - 1].shape
-            z = self.aux_features(hs[L - 1]) if self.penultimate == "aux" else None
-            hat_top = self.top_input(hs[L - 1], t[L], z)
             if self.correction:
-                t[L - 1] = hs[L - 1] - g(self.top_input(hs[L - 1], out_act, z), shape) + g(hat_top, shape)
+                t[L - 1] = hs[L - 1] - g(self.output_activity(hs[L]), shape) + g(t[L], shape)
             else:
-                t[L - 1] = g(hat_top, shape)
+                t[L - 1] = g(t[L], shape)
         for i in range(L - 2, 0, -1):
             g, shape = self.inverse(i), hs[i].shape
             t_up = t[i + 1]
