@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from creditlab.algorithms import build_algorithm
-from creditlab.algorithms.gait import gait_targets, layer_gamma, ortho_grad, ortho_penalty
+from creditlab.algorithms.gait import gait_targets, gram, layer_gamma, ortho_grad, ortho_penalty
 from creditlab.diagnostics.angles import backprop_grads, layer_angles
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
@@ -170,11 +170,14 @@ def test_printed_eq5_gamma_is_eta_over_the_squared_distance():
     torch.testing.assert_close(layer_gamma(diff, False, 1e-3, "l2", 0.0), torch.full((2,), 1e-3, dtype=D64))
 
 
-def test_orthogonality_gradient_equals_autograd():
+@pytest.mark.parametrize("n,leaf", [(7, 256), (7, 2), (11, 3), (16, 4)])
+def test_orthogonality_gradient_equals_autograd(n, leaf):
+    # leaf < n: W^T W is assembled from blocks (cross blocks once, mirrored), recursively
     torch.manual_seed(6)
-    w = torch.randn(7, 7, dtype=D64, requires_grad=True)
+    w = torch.randn(n, n, dtype=D64, requires_grad=True)
     (auto,) = torch.autograd.grad(ortho_penalty(w), w)
-    torch.testing.assert_close(ortho_grad(w.detach()), auto, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ortho_grad(w.detach(), leaf), auto, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram(w.detach(), leaf), w.detach().mT @ w.detach(), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("make", [_fc, _conv], ids=["fc", "conv"])

@@ -154,9 +154,12 @@ class InvertibleDense(InvertibleLayer):
         return self.linear(x)
 
     def factorize(self) -> tuple[Tensor, Tensor]:
-        """LU factors of W (one factorisation per batch, shared by every sample)."""
+        """LU factors of W^T (one factorisation per batch, shared by every sample). A row-major
+        W is W^T in LAPACK's column-major order, so factoring W^T needs no transposing copy, and
+        the batch's solves X W^T = Z (rows x = W^{-1} z) run as one untransposed-right-hand-side
+        solve with these factors."""
         self._require_invertible()
-        return torch.linalg.lu_factor(self.weight.detach())
+        return torch.linalg.lu_factor(self.weight.detach().mT)
 
     def inverse(self, h: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
         """W^{-1} (f^{-1}(h) - b) for a batch (B, width) -> (B, in_features), one batched solve."""
@@ -165,13 +168,13 @@ class InvertibleDense(InvertibleLayer):
         z = self.act.inverse(h)
         if self.bias is not None:
             z = z - self.bias.detach()
-        return torch.linalg.lu_solve(lu, piv, z, left=False, adjoint=True)  # rows: z W^{-T}
+        return torch.linalg.lu_solve(lu, piv, z, left=False)  # rows: z W^{-T}, i.e. X W^T = Z
 
     def inverse_linear(self, dpre: Tensor, factor: Any = None, x: Tensor | None = None) -> Tensor:
         """W^{-1} dpre, batched."""
         self._require_invertible()
         lu, piv = self.factorize() if factor is None else factor
-        return torch.linalg.lu_solve(lu, piv, dpre, left=False, adjoint=True)
+        return torch.linalg.lu_solve(lu, piv, dpre, left=False)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, keep={self.keep}, invertible={self.invertible}, act={self.act.name}"
