@@ -124,7 +124,9 @@ def test_fixed_prediction_equals_activation_relaxation_from_a_zero_state(name, s
     x, y = _data(shape)
     for pc_init, ar_init in (("forward", "zero"), ("zero", "forward")):
         model = _mlp() if name == "mlp" else _graph(name, shape)
-        _, got = _step(f"pc:fixed_prediction=true,steps={steps},eta=0.3,init={pc_init}", model, loss, x, y)
+        # energy_trace=true: pc's own step-by-step iteration against AR's closed form
+        _, got = _step(f"pc:fixed_prediction=true,steps={steps},eta=0.3,init={pc_init},energy_trace=true",
+                       model, loss, x, y)
         _, ref = _step(f"ar:mode=exact,steps={steps},eta=0.3,init={ar_init}", model, loss, x, y)
         for k in ref:
             assert _rel(got[k], ref[k]) < 1e-12, (pc_init, k)
@@ -474,3 +476,22 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
         for a, b in zip(steps, [r for r in one if r.get("kind") == "step"]):  # the global batch's energy
             assert a["pc_energy_first"] == pytest.approx(b["pc_energy_first"], rel=1e-9)
             assert a["pc_energy_last"] == pytest.approx(b["pc_energy_last"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (6,)), ("fanout3", (6,)), ("conv-pool", (2, 6, 6))])
+@pytest.mark.parametrize("init", ["forward", "zero"])
+def test_fixed_prediction_closed_form_equals_the_step_by_step_relaxation(name, shape, init):
+    # energy_trace=true runs the iteration step by step; without it the updates come from graph
+    # AR's closed form, and F at both ends must agree with the trace's ends
+    loss = build_loss("cross_entropy")
+    x, y = _data(shape)
+    model = _mlp() if name == "mlp" else _graph(name, shape)
+    for steps in (1, 7, 40):
+        a, closed = _step(f"pc:fixed_prediction=true,steps={steps},init={init}", model, loss, x, y)
+        b, stepped = _step(f"pc:fixed_prediction=true,steps={steps},init={init},energy_trace=true", model, loss, x, y)
+        for k in closed:
+            assert _rel(closed[k], stepped[k]) < 1e-12, (steps, k)
+        ea, eb = a.energy_trace(), b.energy_trace()
+        assert len(ea) == 2 and len(eb) == steps + 1
+        assert ea[0] == pytest.approx(eb[0], rel=1e-13) and ea[1] == pytest.approx(eb[-1], rel=1e-11)
+        assert ("pc_energy_max" in a.diagnostics()) == (steps == 1) and b.diagnostics()["pc_energy_max"] == max(eb)

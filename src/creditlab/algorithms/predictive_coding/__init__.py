@@ -38,7 +38,9 @@ mean), so the update is on the scale of dL/dtheta.
   a linear iteration whose fixed point is eps_u* = -dl/dmu_u (backprop's chain rule), so the
   update at convergence is exactly autograd's gradient of the loss; ``steps=inf`` gives it in
   one backward pass. In coordinates s = -r eps this is Activation Relaxation's iteration from a
-  zero state: ``pc:fixed_prediction=true,steps=T`` equals ``ar:init=zero,steps=T``.
+  zero state: ``pc:fixed_prediction=true,steps=T`` equals ``ar:init=zero,steps=T``, and it is
+  computed with graph AR's closed form (F at t = 0 and T) unless ``energy_trace=true`` asks for
+  the energy after every step (then step by step; the same updates to rounding).
 
 Defaults: steps = 100, eta = 0.1, as in Millidge et al.'s code (BerenMillidge/PredictiveCodingBackprop,
 ``--n_inference_steps 100 --inference_learning_rate 0.1``; its update is written

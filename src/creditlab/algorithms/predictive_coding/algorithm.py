@@ -171,7 +171,7 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
         scale = self._scale(out.shape[0])
         s0 = None if o["init"] == "forward" else {u: env[u] * scale for u in rel.free}  # x(0) = 0: eps = -mu
         out_sum = float(o["output_precision"]) * self.loss.per_sample(out, y).sum()
-        res = relax_fixed(rel, s0, o["steps"], float(o["eta"]), scale, out_sum)
+        res = relax_fixed(rel, s0, o["steps"], float(o["eta"]), scale, out_sum, trace=bool(o["energy_trace"]))
         grads = g.updates(env, rel, res.x, derivs, True, exact=True)[0]
         labels = {g.unit_label(u): u for u in rel.free}
         self._remember_relaxation(labels, *((None, None) if math.isinf(o["steps"]) else (rel, res.x)))
@@ -264,14 +264,14 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
 
     def energy_trace(self) -> list[float] | None:
         """The last step's energy F / N (mean over the global batch of the per-sample energy)
-        before the first relaxation step and after each (T + 1 values; 2 for steps = inf: start
-        and equilibrium); None before a step."""
+        before the first relaxation step and after each: T + 1 values, or 2 (start and end) for
+        ``fixed_prediction`` without ``energy_trace`` and for steps = inf; None before a step."""
         s = self._summarize()
         return None if s is None else list(s["energy"])
 
     def diagnostics(self) -> dict[str, float]:
-        """``pc_energy_first`` / ``pc_energy_last`` / ``pc_energy_max`` (:meth:`energy_trace` at
-        both ends and its largest value), for the standard variant ``pc_energy_rises`` (the
+        """``pc_energy_first`` / ``pc_energy_last`` (:meth:`energy_trace` at both ends),
+        ``pc_energy_max`` (its largest value, where every step's is kept), for the standard variant ``pc_energy_rises`` (the
         steps at which F rose by more than the dtype's tolerance) and ``pc_energy_max_rise``
         (the largest rise relative to F, 0 if none): a value node crossing a ReLU's kink gives
         rises of about 1e-4; eta beyond the stability limit 2 / (largest curvature of F) gives
@@ -286,7 +286,9 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
         if s is None:
             return out
         e = s["energy"]
-        out.update({"pc_energy_first": e[0], "pc_energy_last": e[-1], "pc_energy_max": max(e)})
+        out.update({"pc_energy_first": e[0], "pc_energy_last": e[-1]})
+        if not math.isinf(self.options["steps"]) and len(e) == int(self.options["steps"]) + 1:
+            out["pc_energy_max"] = max(e)  # every step's energy is known
         if not self.options["fixed_prediction"]:  # the standard relaxation descends F
             rises = [(b - a) / abs(a) for a, b in pairwise(e) if b > a + s["tol"] * abs(a)]
             out["pc_energy_rises"] = float(len(rises))

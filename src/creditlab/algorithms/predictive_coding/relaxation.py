@@ -65,16 +65,18 @@ def relax_standard(order: list[str], out: str, predictors: dict[str, UnitPredict
         energy.append(loss_sum + 0.5 * torch.stack([_sq(eps[u]) for u in free]).sum() if free else loss_sum)
         if last:
             return Relaxed(x, eps, energy, preds)
-        grad = {u: eps[u] for u in free}
+        # x - eta (eps - sum of the children's J^T eps), into new tensors (x itself is read by
+        # the predictions made from it)
+        new = {u: torch.add(x[u], eps[u], alpha=-eta) for u in free}
         for c in order:
             for p, contrib in preds[c].vjp(eps[c]).items():
-                grad[p] = grad[p] - contrib
-        x = {u: x[u] - eta * grad[u] for u in free}
+                new[p].add_(contrib, alpha=eta)
+        x = new
     raise AssertionError("unreachable")
 
 
 def relax_fixed(rel: GraphRelaxation, s0: dict[str, Tensor] | None, steps: float, eta: float, scale: float,
-                output_sum: Tensor) -> Relaxed:
+                output_sum: Tensor, trace: bool = True) -> Relaxed:
     """The fixed-prediction relaxation on graph AR's problem ``rel`` (pushes = the Jacobians at
     the forward values, transposed; ``rel.clamp`` = dL/dmu_out of the reduced loss), carried in
     the coordinates s_u = -scale eps_u (scale = r / gamma: the loss's reduction r, 1 for a sum
@@ -82,11 +84,18 @@ def relax_fixed(rel: GraphRelaxation, s0: dict[str, Tensor] | None, steps: float
     equilibrium is s* = dL/dmu (backprop): exactly Activation Relaxation's iteration, started
     from s(0) = ``s0`` (None: zero, i.e. x(0) = the forward values). ``steps`` = inf gives s*
     with one backward pass. ``output_sum``: the loss term of F, gamma sum_n l (constant here).
+    ``trace``: step by step, with F after every step; else s(T) from graph AR's closed form
+    (:func:`relax_graph_exact`, the same states to rounding) and F at t = 0 and T only.
     Returns the states s (output included, as ``x``) and eps = -s / scale."""
     free = list(reversed(rel.free))
     rel.rows = {}
     if math.isinf(steps):
         s = relax_graph_exact(rel, None, math.inf, 1.0, "synchronous", updates=True)
+        s0_ = {u: torch.zeros_like(rel.forward[u]) for u in free} if s0 is None else s0
+        energy = [_energy(s0_, free, scale, output_sum), _energy(s, free, scale, output_sum)]
+        return Relaxed(s, {u: s[u] / -scale for u in s}, energy)
+    if not trace:
+        s = relax_graph_exact(rel, s0, int(steps), eta, "synchronous")
         s0_ = {u: torch.zeros_like(rel.forward[u]) for u in free} if s0 is None else s0
         energy = [_energy(s0_, free, scale, output_sum), _energy(s, free, scale, output_sum)]
         return Relaxed(s, {u: s[u] / -scale for u in s}, energy)
