@@ -115,18 +115,11 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
         pending = self.options["verify"] == "first" and not g._verified
         g._checking = pending
         before = snapshot(self.model, x.device) if pending else None
-        with torch.no_grad():
-            env = g.forward_values(x)
-            out = env[g.out_node.name]
-            loss = self.loss(out, y)
-            if g._plan is None:
-                g._plan = make_plan(g.gm, g.units, g.owner, g.out_node, env)
-            if self.options["fixed_prediction"]:
-                grads, clamp = self._fixed(env, out, y)
-            else:
-                grads, clamp = self._standard(env, out, y), None
-            for p, gr in grads.values():
-                p.grad = gr
+        try:
+            grads, env, out, loss, clamp = self._run(x, y)
+        except BaseException:
+            g._checking = False
+            raise
         if pending:
             try:
                 g._verified = self._verify(x, y, env, out, grads, clamp, before)
@@ -137,6 +130,23 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
             finally:
                 g._checking = False
         return StepResult(loss, out)
+
+    @torch.no_grad()
+    def _run(self, x: Tensor, y: Tensor) -> tuple[Updates, dict[str, Any], Tensor, Tensor, Tensor | None]:
+        """The forward pass, the relaxation and the updates (written into .grad)."""
+        g = self.graph
+        env = g.forward_values(x)
+        out = env[g.out_node.name]
+        loss = self.loss(out, y)
+        if g._plan is None:
+            g._plan = make_plan(g.gm, g.units, g.owner, g.out_node, env)
+        if self.options["fixed_prediction"]:
+            grads, clamp = self._fixed(env, out, y)
+        else:
+            grads, clamp = self._standard(env, out, y), None
+        for p, gr in grads.values():
+            p.grad = gr
+        return grads, env, out, loss, clamp
 
     def _standard(self, env: dict[str, Any], out: Tensor, y: Tensor) -> Updates:
         g, o = self.graph, self.options
@@ -251,9 +261,11 @@ class PredictiveCoding(RelaxationResidual, Algorithm):
             return self._summary
         last = self._last
         eps = last["eps"]
-        sq = [torch.linalg.vector_norm(e.double()) ** 2 for e in eps.values()]
-        vec = torch.cat([torch.stack([e.double() for e in last["energy"]]), torch.stack(sq)])
-        all_reduce_(vec)
+        sq = [torch.linalg.vector_norm(e) ** 2 for e in eps.values()]
+        vec = torch.cat([torch.stack(last["energy"]), torch.stack(sq).to(last["energy"][0].dtype)])
+        if vec.device.type != "mps":  # (no float64 there)
+            vec = vec.double()
+        all_reduce_(vec)  # on the batch's device, as the process group's backend needs
         n = float(last["n"])
         energy = (vec[: len(last["energy"])] / n).tolist()
         norms = (vec[len(last["energy"]):] / n).sqrt().tolist()
