@@ -362,6 +362,36 @@ def test_epoch_and_logged_columns_read_the_runs_metric_files(tiny):
     assert "| `fa` | 40.00 | 1.500 | 0.600 | 0.800 |" in text
 
 
+def test_min_over_epochs_takes_each_runs_smallest_value_and_scale_multiplies_numbers(tiny):
+    _with_metric_files(tiny)
+    for algo, seed, losses, accs in (("bp", 0, (3.0, 1.0, 2.0), (0.5, 0.8, 0.6)), ("bp", 1, (2.0, 2.5, 1.5), (0.7, 0.6, 0.65)),
+                                     ("fa", 0, (4.0, 4.0, 3.5), (0.4, 0.45, 0.3))):
+        rows = "".join(f"{e},{a},{x}\n" for e, (x, a) in enumerate(zip(losses, accs), 1))
+        (tiny / "results/tiny/exp" / algo / f"seed{seed}" / "metrics.csv").write_text(
+            "epoch,test_accuracy,test_loss\n" + rows)
+    (tiny / "docs/tables.yaml").write_text(SPEC + """\
+  mins:
+    doc: docs/tiny.md
+    results: results/tiny/exp
+    command: creditlab compare ...
+    columns: [algorithm, {name: min_over_epochs, metric: test_loss},
+              {name: min_over_epochs, metric: test_loss, scale: 16, digits: 1, header: x16},
+              {name: min_over_epochs, metric: test_error}, {name: logged, key: relax_residual_mean, at: last, scale: -2}]
+""")
+    (tiny / "docs/tiny.md").write_text(DOC + "<!-- creditlab-table: mins -->\n<!-- /creditlab-table -->\n")
+    assert run(tiny)[1] == []
+    text = (tiny / "docs/tiny.md").read_text()
+    # bp: minima 1.0 and 1.5 (mean 1.25, std 0.35355; x16: 20.0 ± 5.7); smallest errors 20 % and 30 %
+    # (mean 25, std 7.07); last residuals 1.0 and 1.4 (x -2: -2.4, std 0.566)
+    assert "| algorithm | min over epochs of test loss | x16 | min over epochs of test error (%) |" in text
+    assert "| `bp` | 1.250 ± 0.354 | 20.0 ± 5.7 | 25.00 ± 7.07 | -2.400 ± 0.566 |" in text
+    assert "| `fa` | 3.500 | 56.0 | 55.00 | -1.600 |" in text
+    # an epoch without the value gives no minimum
+    (tiny / "results/tiny/exp/fa/seed0/metrics.csv").write_text("epoch,test_accuracy,test_loss\n1,0.4,4.0\n2,0.45,\n")
+    run(tiny)
+    assert "| `fa` | - | - | 55.00 | -1.600 |" in (tiny / "docs/tiny.md").read_text()
+
+
 def test_a_per_layer_table_has_one_row_per_layer_and_one_column_per_algorithm(tiny):
     _with_metric_files(tiny)
     (tiny / "docs/tables.yaml").write_text(SPEC + """\
@@ -391,6 +421,9 @@ def test_a_per_layer_table_has_one_row_per_layer_and_one_column_per_algorithm(ti
     ("{name: at_epoch, metric: seconds_per_epoch, epoch: 1}", "an at_epoch column is"),
     ("{name: at_epoch, metric: test_accuracy, epoch: 0}", "an at_epoch column is"),
     ("{name: logged, at: median, key: x}", "a logged column is"),
+    ("{name: min_over_epochs, metric: mean_angle}", "a min_over_epochs column is"),
+    ("{name: test_accuracy, scale: 16}", "scale .* applies to a number column"),
+    ("{name: test_loss, scale: 0}", "scale .* applies to a number column"),
 ])
 def test_metric_file_columns_are_checked_by_name(tiny, entry, message):
     (tiny / "docs/tables.yaml").write_text(SPEC.replace("columns: [algorithm, n,", f"columns: [{entry}, algorithm, n,"))

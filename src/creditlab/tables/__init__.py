@@ -21,12 +21,19 @@ and is specified once, in ``docs/tables.yaml`` (paths relative to the repository
         omit: []                              # algorithms of the comparison left out on purpose
 
 A column is a name from :data:`COLUMNS` (or ``algorithm``, ``n``, ``epochs``, ``published``), or a
-mapping ``{name, header, digits, std}``, or one of two metrics read from the runs' metric files:
+mapping ``{name, header, digits, std, scale}``, or one of three metrics read from the runs' metric
+files:
 
 * ``{name: at_epoch, metric: test_accuracy, epoch: N}``: an epoch's value from ``metrics.csv``
   (``metric``: a per-epoch metric of :data:`COLUMNS`, e.g. ``val_error`` or ``test_loss``);
+* ``{name: min_over_epochs, metric: test_loss}``: each run's smallest value of that per-epoch
+  metric over all the epochs of its ``metrics.csv`` (for ``test_error``/``val_error`` the smallest
+  error; ``-`` if an epoch lacks the value), e.g. a paper's "mean over runs of the minimum test loss";
 * ``{name: logged, key: KEY, at: mean | first | last}``: a scalar that the training loop logs at
   its logged steps in ``metrics.jsonl`` (e.g. ``relax_residual_mean``), over those steps.
+
+``scale: X`` shows a number column's values (and their std) times X, e.g. a loss in another unit
+(refused for the columns shown in %).
 
 Metric cells are the mean over the row's seeds, with ``± sample std`` when there are two or
 more; accuracies and errors in %. Each run's own ``summary.json`` is the data; the comparison's

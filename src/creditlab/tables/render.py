@@ -23,6 +23,13 @@ def _value(col: Column, run: dict) -> tuple[float | None, str]:
     """A run's value for a metric column and how it is shown (acc | err | num)."""
     if col.name == "logged":
         return _logged(_steps(run), col.metric, col.at), "num"
+    if col.name == "min_over_epochs":
+        _, key, how, _, _ = COLUMNS[col.metric]
+        texts = [r.get(key) for r in _epoch_rows(run)]
+        if not texts or any(t in (None, "") for t in texts):
+            return None, how  # an epoch without the value: no minimum over all epochs
+        vals = [float(t) for t in texts]
+        return (max(vals) if how == "err" else min(vals)), how  # the smallest error is the largest accuracy
     if col.name == "at_epoch":
         _, key, how, _, _ = COLUMNS[col.metric]
         row = next((r for r in _epoch_rows(run) if str(r.get("epoch")) == str(col.epoch)), None)
@@ -47,9 +54,9 @@ def _cell(col: Column, runs: list[dict]) -> str:
     if any(v is None for v in vals):
         return "-"
     m = statistics.fmean(vals)  # as compare's summary.md: the mean of the fractions, then in %
-    mean = _fixed(100 * m if how == "acc" else 100 * (1 - m) if how == "err" else m, col.digits)
+    mean = _fixed(100 * m if how == "acc" else 100 * (1 - m) if how == "err" else col.scale * m, col.digits)
     if col.std and len(vals) > 1:
-        return f"{mean} ± {_fixed(statistics.stdev(vals) * (1 if how == 'num' else 100), col.digits)}"
+        return f"{mean} ± {_fixed(statistics.stdev(vals) * (abs(col.scale) if how == 'num' else 100), col.digits)}"
     return mean
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ _SPECIAL = {"algorithm": "algorithm", "n": "n", "epochs": "epochs", "published":
 _TABLE_KEYS = {"doc", "results", "experiment", "command", "columns", "rows", "omit", "per_layer"}
 _PER_LAYER_KEYS = {"quantity", "layers", "digits"}
 _ROW_KEYS = {"algo", "label", "published", "results", "experiment"}
-_COLUMN_KEYS = {"name", "header", "digits", "std", "metric", "epoch", "key", "at"}
+_COLUMN_KEYS = {"name", "header", "digits", "std", "metric", "epoch", "key", "at", "scale"}
 #: the keys the comparison's summary.json aggregates (compare.aggregate) and that are cross-checked
 _AGGREGATED = ("test_accuracy", "val_accuracy", "train_accuracy", "test_accuracy_at_best_val",
                "best_test_accuracy_over_training", "test_loss", "val_loss", "seconds_per_epoch", "mean_angle_deg")
@@ -57,9 +57,10 @@ class Column:
     header: str
     digits: int = 2
     std: bool = True
-    metric: str = ""  # at_epoch: the COLUMNS metric; logged: the metrics.jsonl key
+    metric: str = ""  # at_epoch, min_over_epochs: the COLUMNS metric; logged: the metrics.jsonl key
     epoch: int = 0  # at_epoch
     at: str = "mean"  # logged
+    scale: float = 1.0  # a number column's values (and std) are shown times this
 
 
 @dataclass
@@ -83,6 +84,19 @@ def _column(entry: Any, where: str) -> Column:
     extra = sorted(set(entry) - _COLUMN_KEYS)
     if extra:
         raise ConfigError(f"{where}: unknown key {extra[0]!r}; valid: {', '.join(sorted(_COLUMN_KEYS))}")
+    col = _column_of(entry, where)
+    if "scale" in entry:
+        scale = entry["scale"]
+        shown = "num" if col.name == "logged" else COLUMNS[col.metric or col.name][2] if (
+            col.metric or col.name) in COLUMNS else ""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale == 0 or shown != "num":
+            raise ConfigError(f"{where}: scale (a non-zero number) applies to a number column (a loss, an angle, a "
+                              f"logged value), not to {col.name}" + (" in %" if shown in ("acc", "err") else ""))
+        col = replace(col, scale=float(scale))
+    return col
+
+
+def _column_of(entry: dict, where: str) -> Column:
     name = entry["name"]
     if name == "at_epoch":
         metric, epoch = entry.get("metric"), entry.get("epoch")
@@ -93,6 +107,14 @@ def _column(entry: Any, where: str) -> Column:
         return Column(name, entry.get("header", f"{header.replace(' (%)', '')}, epoch {epoch}"
                                                f"{' (%)' if '(%)' in header else ''}"),
                       int(entry.get("digits", digits)), bool(entry.get("std", std)), metric, epoch)
+    if name == "min_over_epochs":
+        metric = entry.get("metric")
+        if metric not in _PER_EPOCH:
+            raise ConfigError(f"{where}: a min_over_epochs column is {{name: min_over_epochs, metric: M}} with M one "
+                              f"of {', '.join(sorted(_PER_EPOCH))}")
+        header, _, _, digits, std = COLUMNS[metric]
+        return Column(name, entry.get("header", f"min over epochs of {header}"), int(entry.get("digits", digits)),
+                      bool(entry.get("std", std)), metric)
     if name == "logged":
         key, at = entry.get("key"), entry.get("at", "mean")
         if not isinstance(key, str) or not key or at not in _LOGGED_AT:
@@ -104,7 +126,7 @@ def _column(entry: Any, where: str) -> Column:
         return Column(name, entry.get("header", _SPECIAL[name]))
     if name not in COLUMNS:
         raise ConfigError(f"{where}: unknown column {name!r}; valid: {', '.join([*_SPECIAL, *COLUMNS])}, at_epoch, "
-                          f"logged")
+                          f"min_over_epochs, logged")
     header, _, _, digits, std = COLUMNS[name]
     return Column(name, entry.get("header", header), int(entry.get("digits", digits)), bool(entry.get("std", std)))
 
