@@ -2,15 +2,18 @@
 step times: docs/graph_ar.md, "Cost".
 
 For each depth it counts, on the traced graph, the states, the longest path and the vectors
-the relaxation's vector-Jacobian products carry in one step (each unit's VJP applied to its
-stacked vectors, one batched call per unit), for ``steps=inf``, ``init=zero`` and
-``init=forward`` (T = 100, eta = 0.1, synchronous), with the terms below the dtype's precision
-dropped (``tol=eps``) and without (``tol=0``); and the same weighted by each Conv2d/Linear
-unit's multiply-adds, in backward passes (``steps=inf`` = 1). The counts do not depend on the
-width, the batch or the data, so they are taken at width 2 on 8x8 inputs. Then it times whole
-training steps (forward, credit assignment, SGD step) of bp and the three AR variants at full
-width, CIFAR 32x32, batch 64, interleaved, one thread, and reports medians of wall and of
-thread CPU time (on a shared machine the CPU time is the steadier of the two).
+the relaxation's vector-Jacobian products carry in one training step (each unit's VJP applied
+to each vector it pushes; the states of the units with parameters asked for, as the step asks),
+for ``steps=inf``, ``init=zero`` and ``init=forward`` (T = 100, eta = 0.1, synchronous): as the
+closed form makes them (each unit carries the shifts its states below need, or its graded
+vectors, whichever are fewer; terms below the dtype's precision dropped), with every unit
+carrying its graded vectors (``basis``, the form before the shifts) and with nothing dropped
+(``tol=0``, basis); and the same weighted by each Conv2d/Linear unit's multiply-adds, in
+backward passes (``steps=inf`` = 1). The counts do not depend on the width, the batch or the
+data, so they are taken at width 2 on 8x8 inputs (``--lenet``: also LeNet-5 on 1x28x28). Then
+it times whole training steps (forward, credit assignment, SGD step) of bp and the three AR
+variants at full width, CIFAR 32x32, batch 64, interleaved, one thread, and reports medians of
+wall and of thread CPU time (on a shared machine the CPU time is the steadier of the two).
 
     OMP_NUM_THREADS=1 python scripts/graph_ar_cost.py --measure 20,32 --repeats 5 > cost.md
 """
@@ -58,10 +61,14 @@ def macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return out
 
 
-def count(depth: int, dtype: torch.dtype) -> dict[str, float]:
+def count(depth: int, dtype: torch.dtype, model: nn.Module | None = None, shape: tuple[int, ...] = (3, 8, 8)
+          ) -> dict[str, float]:
+    """The VJPs of one step of each variant as the training step makes them (the states of the
+    units with parameters asked for), with the shifts (the default), with every unit carrying its
+    graded vectors (``basis``) and with nothing dropped (``tol=0``, basis)."""
     torch.manual_seed(0)
-    model = resnet(depth, 2).to(dtype).train()
-    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    model = (resnet(depth, 2) if model is None else model).to(dtype).train()
+    x = torch.randn(4, *shape, dtype=dtype)
     y = torch.randint(0, 10, (4,))
     loss = build_loss("mse")
     algo = GraphActivationRelaxation(model, loss, verify="off")
@@ -69,17 +76,20 @@ def count(depth: int, dtype: torch.dtype) -> dict[str, float]:
     with torch.no_grad():
         env = algo.forward_values(x)
         rel, _ = algo.build(env, loss.grad(env[algo.out_node.name], y))
+    need = {u for u in rel.order if algo._plan.params[u]}
     longest: dict[str, int] = {rel.out: 0}
     for u in reversed(rel.order):
         for p in rel.parents[u]:
             longest[p] = max(longest.get(p, 0), longest[u] + 1)
     row: dict[str, float] = {"depth": depth, "states": len(rel.order), "longest": max(longest.values())}
     for name, (steps, init) in VARIANTS.items():
-        for tol in ((None,) if math.isinf(steps) else (None, 0.0)):
+        opts = [("", {})] if math.isinf(steps) else [("", {}), (",basis", {"shifts": False}),
+                                                     (",tol=0", {"shifts": False, "tol": 0.0})]
+        for suffix, kw in opts:
             x0 = {u: env[u] for u in rel.free} if init == "forward" else None
             with torch.no_grad():
-                relax_graph_exact(rel, x0, steps, 0.1, "synchronous", tol=tol)
-            key = name + ("" if tol is None else ",tol=0")
+                relax_graph_exact(rel, x0, steps, 0.1, "synchronous", keep=need, **kw)
+            key = name + suffix
             row[key] = sum(rel.rows.values())
             weighted = [(rel.rows.get(u, 0), mac[algo.unit_label(u)]) for u in rel.order
                         if algo.unit_label(u) in mac and rel.push[u].__name__ != "no_push"]
@@ -118,23 +128,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lenet", action="store_true", help="also count lenet5 (1x28x28)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     depths = [int(d) for d in args.depths.split(",")]
-    print("| depth | states | longest path | `steps=inf` | `init=zero` float32 (tol=0) | float64 "
-          "| `init=forward` float32 (tol=0) | float64 |")
+    print("| depth | states | longest path | `steps=inf` | `init=zero` float32 (basis; tol=0) | float64 "
+          "| `init=forward` float32 (basis; tol=0) | float64 |")
     print("|---|---|---|---|---|---|---|---|")
     rows32 = {d: count(d, torch.float32) for d in depths}
     rows64 = {d: count(d, torch.float64) for d in depths}
-    for d in depths:
+    if args.lenet:
+        from creditlab.models import build_named_model
+        torch.manual_seed(0)
+        rows32["lenet5"] = count(0, torch.float32, build_named_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
+        rows64["lenet5"] = count(0, torch.float64, build_named_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
+    for d in rows32:
         r, r64 = rows32[d], rows64[d]
 
         def cell(key: str, r=r) -> str:
             return f"{r[key]:.0f} / {r[key + ':passes']:.1f}"
         print(f"| {d} | {r['states']:.0f} | {r['longest']:.0f} | {cell('steps=inf')} "
-              f"| {cell('init=zero')} ({cell('init=zero,tol=0')}) | {r64['init=zero']:.0f} / "
-              f"{r64['init=zero:passes']:.1f} | {cell('init=forward')} ({cell('init=forward,tol=0')}) "
-              f"| {r64['init=forward']:.0f} / {r64['init=forward:passes']:.1f} |")
+              f"| {cell('init=zero')} ({cell('init=zero,basis')}; {cell('init=zero,tol=0')}) | {cell('init=zero', r64)} "
+              f"| {cell('init=forward')} ({cell('init=forward,basis')}; {cell('init=forward,tol=0')}) "
+              f"| {cell('init=forward', r64)} |")
     measured = [int(d) for d in args.measure.split(",") if d]
     if not measured:
         return

@@ -54,9 +54,16 @@ def weights(steps: int, eta: float, schedule: str, kmax: int) -> tuple[float, ..
 @functools.lru_cache(maxsize=64)
 def tail_weights(steps: int, eta: float, schedule: str, mmax: int) -> tuple[float, ...]:
     """1 - sum_{k<=m} w_k for m = 0..mmax, without the cancellation of 1 - (sum close to 1):
-    where the partial sum exceeds 1/2 the tail sum_{k>m} w_k is summed directly (the binomial
-    weights end at k = steps; the negative-binomial ones are summed until negligible)."""
+    for 0 < eta <= 1 (weights of one sign summing to 1), where the partial sum exceeds 1/2 the
+    tail sum_{k>m} w_k is summed directly (the binomial weights end at k = steps; the
+    negative-binomial ones are summed until negligible). For 1 < eta < 2 the synchronous weights
+    alternate in sign and grow to (2 eta - 1)^steps, and the negative-binomial series diverges:
+    a directly summed tail would be the rounding of huge terms (or never end), so the tail is
+    1 - the exactly rounded partial sum, whose terms are no larger than itself."""
     w = relaxation_weights(steps, eta, schedule, mmax)
+    if eta > 1.0:  # (the binomial weights end at k = steps: the tails past it are exactly 0)
+        return tuple(0.0 if schedule == "synchronous" and m >= steps else 1.0 - math.fsum(w[: m + 1])
+                     for m in range(mmax + 1))
     out: list[float] = []
     cum = 0.0
     for m in range(mmax + 1):

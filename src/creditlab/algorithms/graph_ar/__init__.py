@@ -40,9 +40,14 @@ x(T) = x* + sum_k w_k N^k (x(0) - x*), w_k from :func:`creditlab.algorithms._rel
 carries for each unit the vectors [x*, (N^0 e)_i, (N^1 e)_i, ...] graded by path length
 (e = x(0) - x*), each its own tensor, through the unit's VJP. With ``init=zero`` e = -x* and the
 vectors are the per-path-length parts G_i[m] = (N^m b)_i, x(T)_i = sum_m (1 - sum_{k<=m} w_k)
-G_i[m]; only the path lengths that exist are carried (a chain carries one). Terms whose weight
-is below the dtype's machine epsilon times the largest at their unit are not computed (issue
-20; a unit pushes at most 31 vectors at T = 100, eta = 0.1, synchronous, float32). ``steps=inf`` gives x* with
+G_i[m]; only the path lengths that exist are carried (a chain carries one). Where the states
+below a unit need fewer combinations of these vectors than it has (towards the input), it
+carries those combinations instead, one per distance to a state asked for below it
+(:mod:`.closed_form`; the training step asks for the states of the units with parameters).
+Negligible terms are not computed (issue 20): init=forward drops the orders whose weights sum
+to at most the dtype's machine epsilon times the largest (a unit pushes at most 31 vectors at
+T = 100, eta = 0.1, synchronous, float32), init=zero the path lengths whose weight is at most
+that times the largest at their unit. ``steps=inf`` gives x* with
 one backward pass, Conv2d and BatchNorm units computing their parameters' updates in the same
 kernel call. ``diagnostics()`` reports each state's relaxation residual ||x(T) - x*|| / ||x*||.
 
@@ -52,7 +57,8 @@ edges).
 
 Layout, one role per module: :mod:`.tracing` (torch.fx tracing, the recording forward),
 :mod:`.ops` (operation tables, activation derivatives), :mod:`.units` (states and their kinds),
-:mod:`.relaxation` (the problem and its exact / simulated solution), :mod:`.rules` (the VJP
+:mod:`.relaxation` (the problem and its exact / simulated solution), :mod:`.closed_form`
+(which vectors each unit carries in the exact solution), :mod:`.rules` (the VJP
 rule per node kind and the parameter updates), :mod:`.guard` (``verify=first``) and
 :mod:`.algorithm` (the ``graph_ar`` class). The relaxation weights are shared with the MLP
 ``ar`` through :mod:`creditlab.algorithms._relaxation_weights`, the options through

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +50,23 @@ def _init_feedback(w: Tensor, spec: str, kind: str) -> None:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         return
     init_weight_(w, spec)
+
+
+class _AllStates(dict):
+    """The states a step computed (those its updates read), and every other state on first
+    asking for it (the relaxation residual): ``full`` recomputes them all, once."""
+
+    def __init__(self, states: dict[str, Tensor], full: Callable[[], dict[str, Tensor]]):
+        super().__init__(states)
+        self._full: Callable[[], dict[str, Tensor]] | None = full
+
+    def __missing__(self, key: str) -> Tensor:
+        if self._full is None:
+            raise KeyError(key)
+        full, self._full = self._full, None
+        for k, v in full().items():
+            self.setdefault(k, v)
+        return self[key]
 
 
 @register_algorithm
@@ -233,10 +251,16 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         rel, derivs = self.build(env, clamp)
         init = {u: env[u] for u in rel.free} if o["init"] == "forward" else None
         if o["mode"] == "exact":
-            # the fixed point's states are needed only by the updates not made with the pushes
-            keep = {u for u in rel.order if self._plan.params[u] and u not in rel.fused}  # type: ignore[union-attr]
+            # the updates read the states of the units with parameters (at the fixed point not
+            # even those, where the pushes make the updates); the relaxation residual reads all
+            # of them and recomputes them when asked for (:class:`_AllStates`)
+            keep = {u for u in rel.order if self._plan.params[u]  # type: ignore[union-attr]
+                    and not (math.isinf(o["steps"]) and u in rel.fused)}
             states = relax_graph_exact(rel, init, o["steps"], float(o["eta"]), o["schedule"], updates=True,
-                                       keep=keep if math.isinf(o["steps"]) else None)
+                                       keep=keep)
+            if not math.isinf(o["steps"]):
+                states = _AllStates(states, lambda: relax_graph_exact(rel, init, o["steps"], float(o["eta"]),
+                                                                      o["schedule"]))
         else:
             states = relax_graph_simulate(rel, init, o["steps"], float(o["eta"]), o["schedule"])
         return rel, states, derivs

@@ -5,13 +5,15 @@ step by step (``simulate``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from creditlab.algorithms._relaxation_weights import tail_weights, weights
+from creditlab.algorithms._relaxation_weights import weights
+from creditlab.algorithms._verify import tolerance
+from creditlab.algorithms.graph_ar.closed_form import closed_form_plan, plan_key
 from creditlab.errors import ConfigError
 
 # a unit's push: the vectors it carries (its state, or several graded parts of it), one tensor
@@ -65,19 +67,26 @@ class GraphRelaxation:
 
 
 class _Sums:
-    """Vectors being summed from the children's contributions, by (unit, key): the first
-    contribution is kept as it is (never written into: it may be another unit's vector too), a
-    later one makes a new sum."""
+    """Vectors being summed from the children's contributions, by (unit, key), with
+    coefficients: a first contribution with coefficient 1 is kept as it is (never written into:
+    it may be another unit's vector too); a sum or a scaled vector made here is owned and added
+    into in place."""
 
     def __init__(self) -> None:
-        self.acc: dict[str, dict[int, Tensor]] = {}
+        self.acc: dict[str, dict[Hashable, list]] = {}
 
-    def add(self, name: str, key: int, t: Tensor) -> None:
+    def add(self, name: str, key: Hashable, t: Tensor, coef: float = 1.0) -> None:
         d = self.acc.setdefault(name, {})
-        d[key] = d[key] + t if key in d else t
+        cur = d.get(key)
+        if cur is None:
+            d[key] = [t, False] if coef == 1.0 else [t * coef, True]
+        elif cur[1]:
+            cur[0].add_(t, alpha=coef)
+        else:
+            d[key] = [torch.add(cur[0], t, alpha=coef), True]
 
-    def pop(self, name: str) -> dict[int, Tensor]:
-        return self.acc.pop(name, {})
+    def pop(self, name: str) -> dict[Hashable, Tensor]:
+        return {k: v[0] for k, v in self.acc.pop(name, {}).items()}
 
 
 def weighted_sum(coef: list[float], rows: Rows) -> Tensor:
@@ -88,35 +97,76 @@ def weighted_sum(coef: list[float], rows: Rows) -> Tensor:
     return out
 
 
+def _combine(terms: tuple[tuple[Hashable, float], ...], vecs: dict[Hashable, Tensor], like: Tensor) -> Tensor:
+    """sum of coef * vecs[key] over ``terms`` (a single term of coefficient 1: the vector itself;
+    none: zero)."""
+    if not terms:
+        return torch.zeros_like(like)
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return vecs[terms[0][0]]
+    return weighted_sum([c for _, c in terms], [vecs[k] for k, _ in terms])
+
+
 def default_tolerance(dtype: torch.dtype) -> float:
-    """The relative weight at or below which a term of the closed form is dropped: the dtype's
+    """The relative weight at or below which terms of the closed form are dropped: the dtype's
     machine epsilon (2.2e-16 float64, 1.2e-7 float32)."""
     return float(torch.finfo(dtype).eps)
 
 
 def kept_orders(w: tuple[float, ...] | list[float], tol: float) -> int:
-    """The largest k whose terms w_k N^k e the closed form keeps. The weights are unimodal in k
-    (binomial / negative-binomial), so every k up to the largest weight's is kept (their vectors
-    feed the larger k of the units below); past it, the first k with w_k <= tol * max w ends
-    the stack (every later weight is smaller)."""
-    peak = max(range(len(w)), key=lambda k: w[k])
-    for k in range(peak + 1, len(w)):
-        if w[k] <= tol * w[peak]:
-            return k - 1
-    return len(w) - 1
+    """The last order K whose terms w_k N^k e the closed form (init=forward) keeps: the smallest K
+    at or past the largest |w_k| whose dropped weights sum to at most ``tol`` times it,
+    sum_{K<k<len(w)} |w_k| <= tol * max_k |w_k| (``w`` lists every order the graph has; the orders
+    up to the peak are always kept: their vectors feed the higher orders of the units below)."""
+    a = [abs(v) for v in w]
+    peak = max(range(len(a)), key=lambda k: a[k])
+    dropped = 0.0
+    for k in range(len(a) - 1, peak, -1):  # dropped = sum_{j >= k} a_j
+        dropped += a[k]
+        if dropped > tol * a[peak]:
+            return k
+    return peak
+
+
+def truncation_tolerance(eta: float, tol: float) -> float:
+    """The tolerance the closed form applies: ``tol`` for 0 < eta <= 1, 0 (only exact zeros are
+    dropped) for 1 < eta < 2, where the weights alternate in sign and the tail weights are not
+    log-concave, so the bound on what is dropped (docs/graph_ar.md) does not hold."""
+    return tol if eta <= 1.0 else 0.0
+
+
+def _check_rounding(u: str, terms: tuple[tuple[Hashable, float], ...], vecs: dict[Hashable, Tensor], state: Tensor,
+                    eta: float) -> None:
+    """Refuse a state that rounding would swamp. For 0 < eta <= 1 the closed form's coefficients
+    are probabilities (the weights sum to 1, the tails are at most 1); for 1 < eta < 2 the
+    synchronous weights alternate in sign and reach (2 eta - 1)^T, and a state can be a sum of
+    terms much larger than itself: its rounding error is about eps * sum_k |c_k| ||v_k||, which
+    must stay below the guard's tolerance times ||x(T)|| (the step-by-step simulation does not
+    form these sums)."""
+    bound = math.fsum(abs(c) * float(vecs[k].norm()) for k, c in terms)
+    size = float(state.norm())
+    if bound * default_tolerance(state.dtype) > tolerance(state.dtype) * size or (bound > 0 and not size > 0):
+        raise ConfigError(
+            f"ar: mode=exact with eta={eta:g} forms state {u!r} as a sum of terms {bound / max(size, 1e-300):.1e} "
+            f"times larger than it (for eta > 1 the relaxation weights alternate in sign), which "
+            f"{str(state.dtype).replace('torch.', '')} cannot resolve; use mode=simulate, fewer steps or eta <= 1")
 
 
 def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, steps: float, eta: float,
                       schedule: str, tol: float | None = None, updates: bool = False,
-                      keep: set[str] | None = None) -> dict[str, Tensor]:
+                      keep: set[str] | None = None, shifts: bool = True) -> dict[str, Tensor]:
     """Closed-form states after ``steps`` Euler steps (``init`` None: zero states). Includes
-    the clamped output unit. Terms whose relaxation weight is at most ``tol`` (default: the
-    dtype's machine epsilon, :func:`default_tolerance`) times the largest weight at their unit
-    are not computed (``tol=0``: every term; exact zeros, e.g. k > T synchronous, are dropped
-    either way). ``updates`` (steps = inf only): the units with a fused rule also compute their
-    parameters' updates in their push's call (``rel.grads``); ``keep`` (steps = inf only): return
-    only these units' states, freeing the others as soon as they are pushed (less memory in
-    use at once, which on the CPU also means fewer freshly mapped pages per step)."""
+    the clamped output unit. Terms whose weight is negligible are not computed: init=forward, the
+    orders past K, whose weights sum to at most ``tol`` (default: the dtype's machine epsilon,
+    :func:`default_tolerance`) times the largest (:func:`kept_orders`); init=zero, at each unit the
+    path lengths whose weight is at most ``tol`` times the largest at the unit (``tol=0``: every
+    term; exact zeros, e.g. k > T synchronous, are dropped either way). ``keep``: return only
+    these units' states (and the output's); for steps = inf the others are freed as soon as they
+    are pushed, for finite steps they are not computed where no state asked for needs them.
+    ``shifts``: where a unit's states below need fewer combinations of its vectors than it has
+    vectors, it carries those combinations instead (:mod:`.closed_form`; False: every unit
+    carries its graded vectors, the reference). ``updates`` (steps = inf only): the units with a
+    fused rule also compute their parameters' updates in their push's call (``rel.grads``)."""
     rel.rows, rel.grads = {}, {}
     states: dict[str, Tensor] = {rel.out: rel.clamp}
     free = list(reversed(rel.free))
@@ -134,67 +184,48 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
                 sums.add(name, 0, t[0])
         return states
     T = int(steps)
-    tol = default_tolerance(rel.clamp.dtype) if tol is None else float(tol)
-    if init is not None:
-        return _exact_from_forward(rel, init, T, eta, schedule, tol, states, free)
-    # init=zero: graded parts G_u[m], m + 1 the length of the paths from the output they
-    # arrived by: x(T)_u = sum_m tail[m] G_u[m]. First the labels each unit keeps (a label is
-    # dropped where its tail weight is <= tol times the largest at the unit, its shortest
-    # path's), then which of them each unit must push (those a parent keeps).
-    tail = tail_weights(T, float(eta), schedule, max(len(rel.order), 1))
-    incoming: dict[str, set[int]] = {}
-    for p in rel.parents[rel.out]:
-        incoming.setdefault(p, set()).add(0)
-    kept: dict[str, set[int]] = {}
-    for u in free:
-        labs = sorted(incoming.pop(u, ()))
-        top = tail[labs[0]] if labs else 0.0
-        kept[u] = {m for m in labs if tail[m] > tol * top}
-        for p in rel.parents[u]:
-            incoming.setdefault(p, set()).update(m + 1 for m in kept[u])
-
-    def deliver(labels: list[int], contrib: dict[str, Rows]) -> None:
-        for p, ts in contrib.items():
-            for m, t in zip(labels, ts):
-                if m + 1 in kept[p]:
-                    sums.add(p, m + 1, t)
-
-    deliver([-1], rel.pushed(rel.out, [rel.clamp]))
-    for u in free:
-        g = sums.pop(u)
-        lab = sorted(m for m in g if m in kept[u])
-        if not lab:  # no path reaches u within T steps (or every weight is zero)
-            states[u] = torch.zeros_like(rel.forward[u])
-            continue
-        states[u] = weighted_sum([tail[m] for m in lab], [g[m] for m in lab])
-        sent = [m for m in lab if any(m + 1 in kept[p] for p in rel.parents[u])]
-        deliver(sent, rel.pushed(u, [g[m] for m in sent]))
-    return states
-
-
-def _exact_from_forward(rel: GraphRelaxation, init: dict[str, Tensor], T: int, eta: float, schedule: str,
-                        tol: float, states: dict[str, Tensor], free: list[str]) -> dict[str, Tensor]:
-    """init=forward: each unit holds x*_u and E_u[k] = (N^k e)_u, e = x(0) - x*, E_u[0] = e_u,
-    for the kept k <= kmax; x(T)_u = x*_u + sum_k w_k E_u[k]; the unit pushes [x*_u, E_u[0],
-    ..., E_u[min(n_u, kmax - 1)]], which its parents receive as x* and E[1], E[2], ..."""
+    tol = truncation_tolerance(float(eta), default_tolerance(rel.clamp.dtype) if tol is None else float(tol))
+    forward = init is not None
     w = weights(T, float(eta), schedule, len(rel.order) + 1)
-    kmax = kept_orders(w, tol)
-    sums = _Sums()  # key -1: x*, key k >= 1: E[k]
-
-    def deliver(contrib: dict[str, Rows]) -> None:
-        for p, ts in contrib.items():
-            for j, t in enumerate(ts):  # [x*, E[0], E[1], ...] -> x*, E[1], E[2], ...
-                sums.add(p, -1 if j == 0 else j, t)
-
-    deliver(rel.pushed(rel.out, [rel.clamp]))
-    for u in free:
-        g = sums.pop(u)
-        star = g.pop(-1, None)
-        if star is None:  # no child pushes to u
-            star = torch.zeros_like(rel.forward[u])
-        E = [init[u] - star] + [g[k] for k in range(1, kmax + 1) if k in g]
-        states[u] = star + weighted_sum(w[: len(E)], E)
-        deliver(rel.pushed(u, [star] + E[:kmax]))
+    kmax = kept_orders(w, tol) if forward else -1
+    check = eta > 1.0  # coefficients of alternating sign: each state's rounding is checked
+    if check:
+        shifts = False  # every coefficient then enters at the state it weighs
+    plan = closed_form_plan(plan_key(rel.order, rel.parents), rel.out, T, float(eta), schedule, kmax, tol, forward,
+                            None if keep is None else frozenset(keep), shifts).units
+    for u in [rel.out] + free:
+        p = plan.get(u)
+        if u == rel.out:
+            vecs: dict[Hashable, Tensor] = {"c": rel.clamp}
+        else:
+            if p is None:  # nothing asked for needs this unit
+                if keep is None:
+                    states[u] = torch.zeros_like(rel.forward[u])
+                continue
+            got = sums.pop(u)
+            vecs = {}
+            local = dict(p.local)
+            for k in p.keys:
+                t = got.get(k)
+                if p.e0 and k == 0:
+                    t = init[u] - vecs["S"]  # type: ignore[index]
+                elif k in local:
+                    t = init[u] * local[k] if t is None else torch.add(t, init[u], alpha=local[k])  # type: ignore[index]
+                vecs[k] = t if t is not None else torch.zeros_like(rel.forward[u])
+            if p.state is not None:
+                states[u] = _combine(p.state, vecs, rel.forward[u])
+                if check:
+                    _check_rounding(u, p.state, vecs, states[u], float(eta))
+        if p is None or not p.push:
+            continue
+        contrib = rel.pushed(u, [vecs[k] for k in p.push])
+        for parent, per in p.route:
+            ts = contrib.get(parent)
+            if ts is None:
+                continue
+            for t, targets in zip(ts, per):
+                for pk, coef in targets:
+                    sums.add(parent, pk, t, coef)
     return states
 
 
