@@ -34,7 +34,6 @@ weights change sign between steps (the feedback must follow W's signs as they ar
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -207,7 +206,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.5)
     args = ap.parse_args()
-    import biotorch  # noqa: F401
     from importlib.metadata import version
 
     print(f"BioTorch {version('biotorch')} ({bt.__file__}), torch {torch.__version__}")
