@@ -49,9 +49,9 @@ def _sq(t: Tensor) -> Tensor:
 def relax_standard(order: list[str], out: str, predictors: dict[str, UnitPredictor], x0: dict[str, Tensor],
                    steps: int, eta: float, output_term: OutputTerm) -> Relaxed:
     """Inference learning: ``steps`` gradient steps on F with every prediction at the current
-    values (``output_term`` gives the loss term and its gradient, gamma included). ``order``: the relaxed units in topological order (``out`` among them); ``x0``: the
-    free values at t = 0. The predictions at the final values are returned (the weight update
-    reads them)."""
+    values. ``order``: the relaxed units in topological order (``out`` among them); ``x0``: the
+    free values at t = 0; ``output_term``: the loss term of F and its gradient at mu_out (gamma
+    included). The predictions at the final values are returned (the weight update reads them)."""
     free = [u for u in order if u != out]
     x = {u: x0[u] for u in free}
     const = {u: p.predict(x, params=True) for u, p in predictors.items() if p.constant}
@@ -80,8 +80,9 @@ def relax_fixed(rel: GraphRelaxation, s0: dict[str, Tensor] | None, steps: float
     """The fixed-prediction relaxation on graph AR's problem ``rel`` (pushes = the Jacobians at
     the forward values, transposed; ``rel.clamp`` = dL/dmu_out of the reduced loss), carried in
     the coordinates s_u = -scale eps_u (scale = r / gamma: the loss's reduction r, 1 for a sum
-    or 1/N for a mean, over the output precision gamma), in which one step is s_u <- (1 - eta) s_u + eta sum_c J_{c,u}^T s_c and the
-    equilibrium is s* = dL/dmu (backprop): exactly Activation Relaxation's iteration, started
+    or 1/N for a mean, over the output precision gamma), in which one step is
+    s_u <- (1 - eta) s_u + eta sum_c J_{c,u}^T s_c and the equilibrium is s* = dL/dmu
+    (backprop): exactly Activation Relaxation's iteration, started
     from s(0) = ``s0`` (None: zero, i.e. x(0) = the forward values). ``steps`` = inf gives s*
     with one backward pass. ``output_sum``: the loss term of F, gamma sum_n l (constant here).
     ``trace``: step by step, with F after every step; else s(T) from graph AR's closed form
@@ -89,15 +90,13 @@ def relax_fixed(rel: GraphRelaxation, s0: dict[str, Tensor] | None, steps: float
     Returns the states s (output included, as ``x``) and eps = -s / scale."""
     free = list(reversed(rel.free))
     rel.rows = {}
-    if math.isinf(steps):
-        s = relax_graph_exact(rel, None, math.inf, 1.0, "synchronous", updates=True)
-        s0_ = {u: torch.zeros_like(rel.forward[u]) for u in free} if s0 is None else s0
-        energy = [_energy(s0_, free, scale, output_sum), _energy(s, free, scale, output_sum)]
-        return Relaxed(s, {u: s[u] / -scale for u in s}, energy)
-    if not trace:
-        s = relax_graph_exact(rel, s0, int(steps), eta, "synchronous")
-        s0_ = {u: torch.zeros_like(rel.forward[u]) for u in free} if s0 is None else s0
-        energy = [_energy(s0_, free, scale, output_sum), _energy(s, free, scale, output_sum)]
+    if math.isinf(steps) or not trace:
+        if math.isinf(steps):  # the fixed point; Conv2d / BatchNorm updates made in the same calls
+            s = relax_graph_exact(rel, None, math.inf, 1.0, "synchronous", updates=True)
+        else:
+            s = relax_graph_exact(rel, s0, int(steps), eta, "synchronous")
+        start = {u: torch.zeros_like(rel.forward[u]) for u in free} if s0 is None else s0
+        energy = [_energy(start, free, scale, output_sum), _energy(s, free, scale, output_sum)]
         return Relaxed(s, {u: s[u] / -scale for u in s}, energy)
     s = {u: (torch.zeros_like(rel.forward[u]) if s0 is None else s0[u]) for u in free}
     from_out = {name: t[0] for name, t in rel.pushed(rel.out, [rel.clamp]).items()}
