@@ -6,8 +6,19 @@ W_p (out_channels x in_channels*kh*kw) and its own bias, so
     y[n, o, p] = sum_i W[p, o, i] * cols[n, i, p] + b[o, p],
 
 where ``cols = unfold(x)`` are the input patches (kernel, stride, zero padding as a conv).
-The contraction over i for all positions at once is one batched einsum over p (no Python loop
-over positions). With all W_p equal to one conv filter the layer equals ``nn.Conv2d`` (a test).
+With all W_p equal to one conv filter the layer equals ``nn.Conv2d`` (a test).
+
+Computation: one batched matrix product over positions (``torch.bmm``) per chunk of output
+rows, on position-major tensors: the input is copied once, zero-padded, into (H, W, C, N)
+order, from which a chunk's patches (positions, C*kh*kw, N) are one strided copy; the output
+comes out (positions, O, N) and is returned as an (N, O, oh, ow) view of it, which is the
+(H, W, C, N) order the next LC layer reads without a transpose. The patches are never held
+whole (for a chunk at a time, recomputed in the backward pass for the weight gradient): whole,
+they are larger than the weights. The backward pass is hand-written: the input gradient is
+the adjoint map (``W_p^T g_p`` per position, summed back into the input by one strided add per
+kernel offset), the weight gradient ``g_p cols_p^T``; forward, adjoint and weight gradient are
+three autograd Functions whose backward passes call each other, so derivatives of every order
+are exact (tests: gradcheck and gradgradcheck against finite differences).
 
 The transpose map ``h -> W^T h`` (the vector-Jacobian product of the layer in its input, used
 by feedback alignment with B in place of W and by target-propagation inverses with the
@@ -16,8 +27,9 @@ sparsity of W^T, the paper's §5.4) is :func:`locally_connected2d_transpose`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from creditlab.errors import ConfigError
@@ -39,31 +51,200 @@ def output_size(in_size: tuple[int, int], kernel: tuple[int, int], stride: tuple
     return oh, ow
 
 
+class _Geometry(NamedTuple):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+#: bytes of input patches handled at once on a CPU: the patches of all positions (P x C*kh*kw x
+#: batch numbers, often larger than the weights) are never materialised whole. Fresh allocations
+#: that large are page-faulted in on every step (glibc maps anything above 32 MiB afresh), which
+#: cost more than the matrix products; chunks this small are reused by the allocator and stay in
+#: cache between the copy that makes them and the product that reads them. On other devices
+#: (cached allocators) the chunks are larger, to keep kernel launches few.
+CHUNK_BYTES_CPU = 4 << 20
+CHUNK_BYTES_OTHER = 256 << 20
+
+
+def _chunks(g: _Geometry, patch: int, batch: int, t: Tensor) -> list[tuple[int, int, int, int]]:
+    """Rectangles of output positions (rows [r0, r1), columns [c0, c1)) handled together: whole
+    rows, or parts of one row where a row's patches exceed the budget."""
+    budget = CHUNK_BYTES_CPU if t.device.type == "cpu" else CHUNK_BYTES_OTHER
+    oh, ow = g.out_hw
+    per_position = max(1, patch * batch * t.element_size())
+    if per_position * ow <= budget:
+        rows = budget // (per_position * ow)
+        return [(r, min(r + rows, oh), 0, ow) for r in range(0, oh, rows)]
+    cols = max(1, budget // per_position)
+    return [(r, r + 1, c, min(c + cols, ow)) for r in range(oh) for c in range(0, ow, cols)]
+
+
+def _padded(x: Tensor, g: _Geometry) -> Tensor:
+    """``x`` (N, C, H, W) zero-padded and position-major: (H + 2ph, W + 2pw, C, N), contiguous."""
+    xt = x.permute(2, 3, 1, 0)
+    ph, pw = g.padding
+    if ph == 0 and pw == 0:
+        return xt.contiguous()
+    h, w, c, n = xt.shape
+    xp = xt.new_zeros(h + 2 * ph, w + 2 * pw, c, n)
+    xp[ph:ph + h, pw:pw + w] = xt
+    return xp
+
+
+def _position_major(h: Tensor) -> Tensor:
+    """An output-shaped ``h`` (N, O, oh, ow) as (P, O, N) whose matrices (O, N) have one unit stride,
+    as the matrix products need: a view when ``h`` is laid out (oh, ow, O, N) (this layer's own
+    output layout), a blocked 2-D transpose when it is contiguous, else a copy."""
+    n, o = h.shape[0], h.shape[1]
+    hp = h.permute(2, 3, 1, 0).reshape(-1, o, n)
+    if hp.is_contiguous():
+        return hp
+    if h.is_contiguous():  # (N*O, P) -> (P, N*O): torch's cache-blocked transpose, then (P, O, N) strided (NO, 1, O)
+        return h.reshape(n * o, -1).t().contiguous().view(-1, n, o).transpose(1, 2)
+    return hp.contiguous()
+
+
+def _patches(xp: Tensor, g: _Geometry, ch: tuple[int, int, int, int]) -> Tensor:
+    """The input patches of the positions of chunk ``ch``: (positions, C*kh*kw, N), in the weight's (C, kh, kw) order."""
+    (kh, kw), (sh, sw), (r0, r1, c0, c1) = g.kernel, g.stride, ch
+    win = xp[r0 * sh:(r1 - 1) * sh + kh, c0 * sw:(c1 - 1) * sw + kw].unfold(0, kh, sh).unfold(1, kw, sw)
+    rows, cols, c, n = win.shape[:4]  # (rows, cols, C, N, kh, kw)
+    return win.permute(0, 1, 2, 4, 5, 3).reshape(rows * cols, c * kh * kw, n)
+
+
+def _positions(g: _Geometry, ch: tuple[int, int, int, int]) -> slice:
+    r0, r1, c0, c1 = ch
+    return slice(r0 * g.out_hw[1] + c0, (r1 - 1) * g.out_hw[1] + c1)
+
+
+def _apply(xp: Tensor, weight: Tensor, g: _Geometry) -> Tensor:
+    """(P, O, N): y_p = W_p cols_p for every position p, chunk by chunk."""
+    n = xp.shape[-1]
+    out = xp.new_empty(weight.shape[0], weight.shape[1], n)
+    for ch in _chunks(g, weight.shape[2], n, xp):
+        ps = _positions(g, ch)
+        torch.bmm(weight[ps], _patches(xp, g, ch), out=out[ps])
+    return out
+
+
+def _adjoint(gp: Tensor, weight: Tensor, g: _Geometry, channels: int) -> Tensor:
+    """The padded position-major input gradient (Hp, Wp, C, N) of ``gp`` (P, O, N): col2im(W_p^T g_p)."""
+    (kh, kw), (sh, sw) = g.kernel, g.stride
+    n = gp.shape[-1]
+    hp, wp = g.in_hw[0] + 2 * g.padding[0], g.in_hw[1] + 2 * g.padding[1]
+    gxp = gp.new_zeros(hp, wp, channels, n)
+    for ch in _chunks(g, weight.shape[2], n, gp):
+        ps, (r0, r1, c0, c1) = _positions(g, ch), ch
+        cols = torch.bmm(weight[ps].transpose(1, 2), gp[ps]).view(r1 - r0, c1 - c0, channels, kh, kw, n)
+        for i in range(kh):
+            for j in range(kw):  # one slice per kernel offset: the windows of one offset do not overlap
+                gxp[r0 * sh + i:(r1 - 1) * sh + i + 1:sh, c0 * sw + j:(c1 - 1) * sw + j + 1:sw].add_(cols[:, :, :, i, j])
+    return gxp
+
+
+def _weight_grad(gp: Tensor, xp: Tensor, g: _Geometry) -> Tensor:
+    """(P, O, I): g_p cols_p^T for every position p."""
+    n = xp.shape[-1]
+    patch = xp.shape[2] * g.kernel[0] * g.kernel[1]
+    out = gp.new_empty(gp.shape[0], gp.shape[1], patch)
+    for ch in _chunks(g, patch, n, xp):
+        ps = _positions(g, ch)
+        torch.bmm(gp[ps], _patches(xp, g, ch).transpose(1, 2), out=out[ps])
+    return out
+
+
+def _unpad(gxp: Tensor, g: _Geometry) -> Tensor:
+    """(Hp, Wp, C, N) -> the (N, C, H, W) view of its unpadded part."""
+    (ph, pw), (h, w) = g.padding, g.in_hw
+    return gxp[ph:ph + h, pw:pw + w].permute(3, 2, 0, 1)
+
+
+# Three linear maps, each the others' derivative, so every order of derivative is exact:
+#   y = LC(x; W)            d/dx: LC^T(g; W)           d/dW: Wgrad(g, x)
+#   x = LC^T(h; W)          d/dh: LC(g; W)             d/dW: Wgrad(h, g)
+#   G = Wgrad(h, x)         d/dh: LC(x; Gamma)         d/dx: LC^T(h; Gamma)
+# Their backward passes call the other two Functions (plain kernels unless a graph is being built).
+
+class _LC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, g: _Geometry) -> Tensor:
+        xp = _padded(x, g)
+        out = _apply(xp, weight, g)
+        if bias is not None:
+            out += bias.reshape(bias.shape[0], -1).t().unsqueeze(-1)
+        ctx.geometry = g
+        ctx.save_for_backward(x, weight, xp)
+        return out.permute(2, 1, 0).unflatten(2, g.out_hw)  # (N, O, oh, ow), laid out (oh, ow, O, N)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, xp = ctx.saved_tensors
+        g = ctx.geometry
+        gp = _position_major(grad)
+        gx = _LCT.apply(grad, weight, g, gp) if ctx.needs_input_grad[0] else None
+        gw = _LCW.apply(grad, x, g, gp, xp) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class _LCT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, g: _Geometry, gp: Tensor | None = None) -> Tensor:
+        ctx.geometry = g
+        ctx.save_for_backward(h, weight)
+        patch = weight.shape[2] // (g.kernel[0] * g.kernel[1])
+        return _unpad(_adjoint(_position_major(h) if gp is None else gp, weight, g, patch), g)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        g = ctx.geometry
+        gh = _LC.apply(grad, weight, None, g) if ctx.needs_input_grad[0] else None
+        gw = _LCW.apply(h, grad, g) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None
+
+
+class _LCW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, x: Tensor, g: _Geometry, gp: Tensor | None = None,
+                xp: Tensor | None = None) -> Tensor:
+        ctx.geometry = g
+        ctx.save_for_backward(h, x)
+        return _weight_grad(_position_major(h) if gp is None else gp, _padded(x, g) if xp is None else xp, g)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, x = ctx.saved_tensors
+        g = ctx.geometry
+        gh = _LC.apply(x, grad, None, g) if ctx.needs_input_grad[0] else None
+        gx = _LCT.apply(h, grad, g) if ctx.needs_input_grad[1] else None
+        return gh, gx, None, None, None
+
+
 def locally_connected2d(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: tuple[int, int],
                         stride: tuple[int, int], padding: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
-    """y = LC(x; W, b). ``weight`` is (P, O, C*kh*kw), ``bias`` (O, oh, ow) or None."""
-    cols = F.unfold(x, kernel, padding=padding, stride=stride)  # (N, I, P)
-    out = torch.einsum("nip,poi->nop", cols, weight)
-    out = out.reshape(x.shape[0], weight.shape[1], out_hw[0], out_hw[1])
-    if bias is not None:
-        out = out + bias
-    return out
+    """y = LC(x; W, b). ``weight`` is (P, O, C*kh*kw), ``bias`` (O, oh, ow) or None. The result
+    is (N, O, oh, ow), laid out in memory as (oh, ow, O, N): the layout the matrix products make
+    and the next LC layer reads without a transpose."""
+    in_hw = (x.shape[2], x.shape[3])
+    return _LC.apply(x, weight, bias, _Geometry(tuple(kernel), tuple(stride), tuple(padding), in_hw, tuple(out_hw)))
 
 
 def locally_connected2d_transpose(h: Tensor, weight: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                                   padding: tuple[int, int], in_hw: tuple[int, int]) -> Tensor:
     """x = W^T h: the adjoint of the LC map (no bias); ``h`` is (N, O, oh, ow), result (N, C, H, W)."""
-    g = h.reshape(h.shape[0], h.shape[1], -1)  # (N, O, P)
-    cols = torch.einsum("nop,poi->nip", g, weight)
-    return F.fold(cols, in_hw, kernel, padding=padding, stride=stride)
+    g = _Geometry(tuple(kernel), tuple(stride), tuple(padding), tuple(in_hw), (h.shape[2], h.shape[3]))
+    return _LCT.apply(h, weight, g)
 
 
 def locally_connected2d_weight_grad(h: Tensor, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                                     padding: tuple[int, int]) -> Tensor:
     """dL/dW given dL/dy = ``h`` (N, O, oh, ow) and the input ``x``: (P, O, I)."""
-    cols = F.unfold(x, kernel, padding=padding, stride=stride)
-    g = h.reshape(h.shape[0], h.shape[1], -1)
-    return torch.einsum("nop,nip->poi", g, cols)
+    g = _Geometry(tuple(kernel), tuple(stride), tuple(padding), (x.shape[2], x.shape[3]), (h.shape[2], h.shape[3]))
+    return _LCW.apply(h, x, g)
 
 
 class LocallyConnected2d(nn.Module):
