@@ -210,20 +210,44 @@ def cmd_relax(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from creditlab.bench import run_bench
+    from creditlab.bench import run_bench, run_lc_layers
 
+    if args.lc_layers is not None:
+        given = [flag for flag, v in (("--algos", args.algos), ("--model", args.model)) if v]
+        if given:
+            raise ConfigError(f"bench --lc-layers times single layers, not algorithms; drop {' and '.join(given)}")
+        res = run_lc_layers(_csv(args.lc_layers), batch=args.batch, dtype=args.dtype, device=args.device or "cpu",
+                            repeats=args.repeats, warmup=args.warmup, threads=args.threads, clock=args.clock)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"LocallyConnected2d forward+backward against Conv2d, median of {res['repeats']} ({res['device']}, "
+              f"{res['threads']} threads, {res['dtype']}, batch {res['batch']}, {res['clock']} clock)")
+        for r in res["layers"]:
+            shape = f"{'x'.join(map(str, r['in_shape']))} k{r['kernel']} s{r['stride']} -> {'x'.join(map(str, r['out_shape']))}"
+            print(f"  {r['layer']:<11} {shape:<28} conv {r['conv_ms']:9.2f} ms   LC {r['lc_ms']:9.2f} ms   "
+                  f"{r['ratio']:5.2f}x")
+        return 0
     algos = _csv(args.algos) or ["bp", "ar", "ar:mode=simulate,steps=100"]
     arch = None if args.model else args.arch
     res = run_bench(algos, arch=arch, model=args.model, act=args.act, out_act=args.out_act, bias=args.bias,
                     init=args.init, batch=args.batch, loss=args.loss, dtype=args.dtype, device=args.device or "cpu",
-                    repeats=args.repeats, warmup=args.warmup, in_shape=_shape(args.in_shape), classes=args.classes)
+                    repeats=args.repeats, warmup=args.warmup, in_shape=_shape(args.in_shape), classes=args.classes,
+                    memory=not args.no_memory, memory_steps=args.memory_steps, threads=args.threads,
+                    clock=args.clock)
     if args.json:
         print(json.dumps(res, indent=2))
-    else:
-        print(f"one training step, median of {res['repeats']} ({res['device']}, {res['threads']} threads, "
-              f"{res['dtype']}, batch {res['batch']})")
-        for r in res["results"]:
-            print(f"  {r['algo']:<44} {r['ms_per_step']:9.3f} ms   {r['ratio_vs_bp']:6.2f}x bp")
+        return 0
+    print(f"one training step, median of {res['repeats']} ({res['device']}, {res['threads']} threads, "
+          f"{res['dtype']}, batch {res['batch']}, {res['clock']} clock)" + ("" if args.no_memory else
+          f"; memory over {res['memory_steps']} steps in a fresh process each: peak, and what training adds to "
+          "the model and batch"))
+    for r in res["results"]:
+        line = f"  {r['algo']:<44} {r['ms_per_step']:9.3f} ms   {r['ratio_vs_bp']:6.2f}x bp"
+        if "memory" in r:
+            m = r["memory"]
+            line += f"   peak {m['peak_bytes'] / 2**20:9.1f} MiB   +{m['step_bytes'] / 2**20:8.1f} MiB"
+        print(line)
     return 0
 
 

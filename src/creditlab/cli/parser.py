@@ -177,12 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between worker heartbeats; a killed worker's trial is marked failed after 2x this")
     s.set_defaults(fn=cmd_search)
 
-    b = sub.add_parser("bench", help="time one training step of each algorithm against bp")
+    b = sub.add_parser("bench", help="time one training step of each algorithm against bp, and measure its memory")
     model_args(b, arch_default="784-300-300-100-10", init="normal(0.05)")
     b.add_argument("--algos", help="comma-separated specs (default bp,ar,ar:mode=simulate,steps=100)")
     b.add_argument("--bias", action="store_true", help="MLP with biases (default none)")
     b.add_argument("--repeats", type=_int_at_least(1), default=50, help="timed steps per algorithm (default 50)")
     b.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed steps first (default 5)")
+    b.add_argument("--threads", type=_int_at_least(1), help="torch threads (default: torch's)")
+    b.add_argument("--clock", default="wall", help="wall (elapsed time, default) or cpu (this process's CPU time, "
+                                                   "all threads: on a shared machine, use it with --threads 1)")
+    b.add_argument("--no-memory", action="store_true",
+                   help="time only; by default each algorithm's memory is also measured, in a fresh process each "
+                        "(CPU: resident set; CUDA: the allocator's peak)")
+    b.add_argument("--memory-steps", type=_int_at_least(1), default=3,
+                   help="training steps of each memory measurement (default 3)")
+    b.add_argument("--lc-layers", nargs="?", const="mnist,cifar,imagenet", metavar="NETS",
+                   help="instead of algorithms: LocallyConnected2d forward+backward against an equally shaped "
+                        "Conv2d for every layer of the Table 3 networks NETS (default mnist,cifar,imagenet)")
     b.set_defaults(fn=cmd_bench)
 
     ls = sub.add_parser("list", help="the algorithms with their options and defaults, the built-in models, "
