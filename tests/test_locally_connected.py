@@ -163,3 +163,18 @@ def test_locally_connected_stack_trains_like_the_reference_stack():
     refs = torch.autograd.grad(ref_out.square().sum(), params)
     for a, b in zip(ours, refs):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_locally_connected_outputs_take_in_place_operations():
+    """The outputs are tensors of their own, not views made inside a custom Function (which
+    autograd forbids modifying in place): an in-place ReLU after the layer or after its transpose
+    gives the reference's gradients."""
+    lc = _layer(2, 3, 3, 2, None, (6, 6))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 3, *lc.out_size, dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(torch.relu_(lc(x)).sum() + torch.relu_(lc.transpose(h)).sum(), (x, h, lc.weight))
+    ref_t = torch.autograd.grad(_reference(x, lc.weight, lc.bias, lc), x, h, create_graph=True)[0]  # W^T h
+    refs = torch.autograd.grad(torch.relu(_reference(x, lc.weight, lc.bias, lc)).sum() + torch.relu(ref_t).sum(),
+                               (x, h, lc.weight))
+    for a, b in zip(ours, refs):
+        assert torch.allclose(a, b, atol=1e-12)

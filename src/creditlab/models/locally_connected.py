@@ -120,29 +120,42 @@ def _positions(g: _Geometry, ch: tuple[int, int, int, int]) -> slice:
     return slice(r0 * g.out_hw[1] + c0, (r1 - 1) * g.out_hw[1] + c1)
 
 
-def _apply(xp: Tensor, weight: Tensor, g: _Geometry) -> Tensor:
-    """(P, O, N): y_p = W_p cols_p for every position p, chunk by chunk."""
-    n = xp.shape[-1]
-    out = xp.new_empty(weight.shape[0], weight.shape[1], n)
-    for ch in _chunks(g, weight.shape[2], n, xp):
+def _position_major_empty(n: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
+    """A new (N, C, H, W) tensor laid out in memory as (H, W, C, N) (not a view of anything)."""
+    return torch.empty_strided((n, c, h, w), (1, n, w * c * n, c * n), dtype=like.dtype, device=like.device)
+
+
+def _apply(xp: Tensor, weight: Tensor, g: _Geometry, out: Tensor) -> None:
+    """``out`` (P, O, N) := W_p cols_p for every position p, chunk by chunk."""
+    for ch in _chunks(g, weight.shape[2], xp.shape[-1], xp):
         ps = _positions(g, ch)
         torch.bmm(weight[ps], _patches(xp, g, ch), out=out[ps])
-    return out
+
+
+def _clip(lo: int, hi: int, stride: int, offset: int, size: int) -> tuple[int, int]:
+    """The output indices r in [lo, hi) whose input index r * stride + offset lies in [0, size)."""
+    return max(lo, -(offset // stride)), min(hi, (size - 1 - offset) // stride + 1)
 
 
 def _adjoint(gp: Tensor, weight: Tensor, g: _Geometry, channels: int) -> Tensor:
-    """The padded position-major input gradient (Hp, Wp, C, N) of ``gp`` (P, O, N): col2im(W_p^T g_p)."""
-    (kh, kw), (sh, sw) = g.kernel, g.stride
+    """The input gradient (N, C, H, W), laid out (H, W, C, N), of ``gp`` (P, O, N): col2im(W_p^T g_p).
+    Each kernel offset adds its (non-overlapping) windows in one strided add, clipped to the
+    input: what falls on the zero padding is dropped."""
+    (kh, kw), (sh, sw), (ph, pw), (h, w) = g.kernel, g.stride, g.padding, g.in_hw
     n = gp.shape[-1]
-    hp, wp = g.in_hw[0] + 2 * g.padding[0], g.in_hw[1] + 2 * g.padding[1]
-    gxp = gp.new_zeros(hp, wp, channels, n)
+    gx = _position_major_empty(n, channels, h, w, gp).zero_()
+    gxt = gx.permute(2, 3, 1, 0)  # (H, W, C, N), contiguous
     for ch in _chunks(g, weight.shape[2], n, gp):
         ps, (r0, r1, c0, c1) = _positions(g, ch), ch
         cols = torch.bmm(weight[ps].transpose(1, 2), gp[ps]).view(r1 - r0, c1 - c0, channels, kh, kw, n)
         for i in range(kh):
-            for j in range(kw):  # one slice per kernel offset: the windows of one offset do not overlap
-                gxp[r0 * sh + i:(r1 - 1) * sh + i + 1:sh, c0 * sw + j:(c1 - 1) * sw + j + 1:sw].add_(cols[:, :, :, i, j])
-    return gxp
+            ra, rb = _clip(r0, r1, sh, i - ph, h)
+            for j in range(kw):
+                ca, cb = _clip(c0, c1, sw, j - pw, w)
+                if ra < rb and ca < cb:
+                    gxt[ra * sh + i - ph:(rb - 1) * sh + i - ph + 1:sh, ca * sw + j - pw:(cb - 1) * sw + j - pw + 1:sw] \
+                        .add_(cols[ra - r0:rb - r0, ca - c0:cb - c0, :, i, j])
+    return gx
 
 
 def _weight_grad(gp: Tensor, xp: Tensor, g: _Geometry) -> Tensor:
@@ -156,12 +169,6 @@ def _weight_grad(gp: Tensor, xp: Tensor, g: _Geometry) -> Tensor:
     return out
 
 
-def _unpad(gxp: Tensor, g: _Geometry) -> Tensor:
-    """(Hp, Wp, C, N) -> the (N, C, H, W) view of its unpadded part."""
-    (ph, pw), (h, w) = g.padding, g.in_hw
-    return gxp[ph:ph + h, pw:pw + w].permute(3, 2, 0, 1)
-
-
 # Three linear maps, each the others' derivative, so every order of derivative is exact:
 #   y = LC(x; W)            d/dx: LC^T(g; W)           d/dW: Wgrad(g, x)
 #   x = LC^T(h; W)          d/dh: LC(g; W)             d/dW: Wgrad(h, g)
@@ -172,12 +179,14 @@ class _LC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, g: _Geometry) -> Tensor:
         xp = _padded(x, g)
-        out = _apply(xp, weight, g)
+        y = _position_major_empty(x.shape[0], weight.shape[1], *g.out_hw, x)
+        out = y.permute(2, 3, 1, 0).view(weight.shape[0], weight.shape[1], x.shape[0])  # (P, O, N)
+        _apply(xp, weight, g, out)
         if bias is not None:
             out += bias.reshape(bias.shape[0], -1).t().unsqueeze(-1)
         ctx.geometry = g
         ctx.save_for_backward(x, weight, xp)
-        return out.permute(2, 1, 0).unflatten(2, g.out_hw)  # (N, O, oh, ow), laid out (oh, ow, O, N)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -195,8 +204,8 @@ class _LCT(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, g: _Geometry, gp: Tensor | None = None) -> Tensor:
         ctx.geometry = g
         ctx.save_for_backward(h, weight)
-        patch = weight.shape[2] // (g.kernel[0] * g.kernel[1])
-        return _unpad(_adjoint(_position_major(h) if gp is None else gp, weight, g, patch), g)
+        channels = weight.shape[2] // (g.kernel[0] * g.kernel[1])
+        return _adjoint(_position_major(h) if gp is None else gp, weight, g, channels)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
