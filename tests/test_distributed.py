@@ -46,6 +46,8 @@ CASES: dict[str, dict] = {
     "signsym-brsf": {"algo": "signsym:variant=brsf", "model": MLP3},
     "signsym-frsf": {"algo": "signsym:variant=frsf", "model": MLP3},
     "kp": {"algo": "kp:decay=0.1", "model": MLP3},
+    "kp-multistep": {"algo": "kp:decay=0.1", "model": MLP3,  # the schedule steps alike on every rank, every group
+                     "lr_schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5}},
     "wm": {"algo": "wm:mirror_steps=2", "model": MLP3},
 }
 

@@ -22,6 +22,8 @@ Schema (every key, with its default; ``null`` = unset)::
     algo: bp                      # one algorithm spec (train)
     algos: [bp]                   # the algorithms of a comparison (compare)
     optimizer: {name: sgd, lr: 0.01, momentum: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 0.0}
+    lr_schedule: null             # null: constant lr; {name: multistep, milestones: [100, 150], gamma: 0.1}:
+                                  #   every lr (each optimizer group's) *= gamma after epoch 100 and after 150
     epochs: 10
     batch_size: 64
     seed: 0                       # model init, algorithm state, batch order, noise
@@ -80,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "algos": ["bp"],
     "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
                   "weight_decay": 0.0},
+    "lr_schedule": None,
     "epochs": 10,
     "batch_size": 64,
     "seed": 0,
@@ -100,7 +103,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "dataset": (str,), "data_dir": (str, type(None)), "val_size": (int, float, type(None)),
     "train_subset": (int, type(None)),
     "task": (str,), "augment": (dict, type(None)), "model": (dict,), "loss": (str, dict), "algo": (str,),
-    "algos": (list,), "optimizer": (dict,), "epochs": (int,), "batch_size": (int,), "seed": (int,),
+    "algos": (list,), "optimizer": (dict,), "lr_schedule": (dict, type(None)), "epochs": (int,),
+    "batch_size": (int,), "seed": (int,),
     "seeds": (list,), "dtype": (str,), "device": (str,), "deterministic": (bool,), "distributed": (dict,),
     "log_every": (int,), "logging": (dict,), "threads": (int, type(None)), "search": (dict, type(None)), "published": (dict,), "notes": (str,),
 }
@@ -108,6 +112,9 @@ _MODEL_TYPES = {"arch": (str, list, type(None)), "act": (str, list), "out_act": 
                 "init": (str,), "name": (str, type(None)), "options": (dict,)}
 _OPT_TYPES = {"name": (str,), "lr": (int, float), "momentum": (int, float), "betas": (list,),
               "eps": (int, float), "weight_decay": (int, float)}
+#: lr_schedule names -> their keys' defaults (None: required)
+LR_SCHEDULES: dict[str, dict[str, Any]] = {"multistep": {"milestones": None, "gamma": 0.1}}
+_LR_SCHEDULE_TYPES = {"name": (str,), "milestones": (list,), "gamma": (int, float)}
 _DIST_TYPES = {"check_every": (int,), "timeout_s": (int, float)}
 _LOGGING_TYPES = {"tensorboard": (bool,), "loggers": (list,)}
 _AUGMENT = {"crop_pad": 0, "flip": "none"}
@@ -317,10 +324,36 @@ def _resolve(raw: dict) -> dict:
     cfg["logging"] = _merge(DEFAULTS["logging"], cfg["logging"], "logging.", _LOGGING_TYPES)
     if cfg["augment"] is not None:
         cfg["augment"] = _merge(_AUGMENT, cfg["augment"], "augment.", _AUGMENT_TYPES)
+    if cfg["lr_schedule"] is not None:
+        cfg["lr_schedule"] = _merge_lr_schedule(cfg["lr_schedule"])
     if cfg["search"] is not None:
         cfg["search"] = _merge(_SEARCH, cfg["search"], "search.", _SEARCH_TYPES)
     validate(cfg)
     return cfg
+
+
+def _merge_lr_schedule(raw: dict) -> dict:
+    """``lr_schedule`` with its name's defaults; a key the named schedule does not have is unknown."""
+    name = raw.get("name")
+    if not isinstance(name, str) or name not in LR_SCHEDULES:
+        given = "lr_schedule has no name" if name is None else f"lr_schedule.name={name!r}"
+        raise _keyed(ConfigError(f"{given}; valid: {', '.join(LR_SCHEDULES)} (e.g. lr_schedule: {{name: multistep, "
+                                 "milestones: [100, 150], gamma: 0.1}, or lr_schedule.name=multistep "
+                                 "lr_schedule.milestones=[100,150]), or lr_schedule: null for a constant lr"),
+                     "lr_schedule" if name is None else "lr_schedule.name")
+    types = {k: _LR_SCHEDULE_TYPES[k] for k in ("name", *LR_SCHEDULES[name])}
+    return _merge({"name": name, **LR_SCHEDULES[name]}, raw, "lr_schedule.", types)
+
+
+def _check_lr_schedule(s: dict) -> None:
+    m = s["milestones"]
+    _check(m is not None, "lr_schedule.milestones", "lr_schedule.milestones is required for multistep: the epochs "
+                                                    "after which lr *= gamma, e.g. [100, 150]")
+    _check(bool(m) and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in m)
+           and all(a < b for a, b in zip(m, m[1:])), "lr_schedule.milestones",
+           f"lr_schedule.milestones={m} must be positive epoch numbers in increasing order, e.g. [100, 150]")
+    _check(0 < s["gamma"] < float("inf"), "lr_schedule.gamma",
+           f"lr_schedule.gamma={s['gamma']} must be a positive number (lr *= gamma at each milestone)")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -338,6 +371,8 @@ def validate(cfg: dict) -> None:
     _check(opt["lr"] > 0, "optimizer.lr", f"optimizer.lr={opt['lr']} must be positive")
     _check(len(opt["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in opt["betas"]),
            "optimizer.betas", f"optimizer.betas={opt['betas']} must be two numbers in [0, 1)")
+    if cfg["lr_schedule"] is not None:
+        _check_lr_schedule(cfg["lr_schedule"])
     for key in ("epochs", "batch_size"):
         _check(cfg[key] > 0, key, f"{key}={cfg[key]} must be positive")
     _check(cfg["train_subset"] is None or cfg["train_subset"] > 0, "train_subset",

@@ -3,8 +3,8 @@
 Per batch: ``optimizer.zero_grad(set_to_none=True)``; ``algo.step(x, y)`` writes the updates
 into ``.grad``; every ``log_every`` steps the per-layer angle to a shadow autograd backprop on
 the same batch (before the update) is logged; ``optimizer.step()``. Per epoch: accuracy on
-the validation and test splits, a checkpoint (atomic), metrics. The loop never branches on the
-algorithm.
+the validation and test splits, metrics (with the epoch's ``lr``), the ``lr_schedule``'s step,
+a checkpoint (atomic). The loop never branches on the algorithm.
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged
 step and per epoch), ``metrics.csv`` (the epoch rows), ``summary.json`` (see :func:`_summary`),
@@ -230,6 +230,16 @@ def state_tensors(model: nn.Module, algo: Algorithm, optimizer: torch.optim.Opti
     return named + algorithm_parameters(algo)
 
 
+def lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The run's ``lr_schedule`` over every group of ``optimizer`` (None: a constant lr);
+    stepped once per epoch, so after epoch e (1-based) every group's lr is its initial one times
+    gamma ** (the number of milestones <= e)."""
+    s = cfg["lr_schedule"]
+    if s is None:
+        return None
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(s["milestones"]), gamma=float(s["gamma"]))
+
+
 def _sum_updates(dd: Distributed, optimizer: torch.optim.Optimizer, reported: dict[str, Tensor] | None) -> None:
     """All-reduce every ``.grad`` (each rank holds its share of the global-batch update), and
     the reported updates that are not ``.grad`` tensors themselves."""
@@ -350,6 +360,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
     if data.x_train.device != device or data.x_train.dtype != dtype:
         data.to(device, dtype)  # once: batches, shuffles and augmentation then stay on the device
     model, loss, algo, optimizer = build_all(cfg, data)
+    scheduler = lr_scheduler(cfg, optimizer)
     resync_rng = dd is not None and bool(stochastic_modules(model))
     check_every = cfg["distributed"]["check_every"] if dd is not None else 0
     ck_path = out / CHECKPOINT
@@ -361,6 +372,8 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         model.load_state_dict(ck["model"])
         algo.load_state_dict(ck["algorithm"])
         optimizer.load_state_dict(ck["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["lr_scheduler"])
         set_global_rng_state(ck["rng"])
         start_epoch, start_step, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         history, angles, keep, partial = ck["history"], ck["angles"], ck["metrics_lines"], ck["partial"]
@@ -383,6 +396,7 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
         save_checkpoint(ck_path, {
             "partial": partial,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "algorithm": algo.state_dict(),
+            "lr_scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": global_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "angles": angles, "layer_angles": layer_log, "metrics_lines": metrics.lines,
             "signature": model_signature(model), "model_spec": str(getattr(model, "spec", lambda: "")()),
@@ -480,7 +494,8 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                 loss_sum, correct, seen = dd.sum_floats([loss_sum, correct, seen])
                 correct, seen = int(correct), int(seen)
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": global_step, "seconds": t_epoch,
-                                      "train_loss": loss_sum / max(seen, 1)}  # mean per-sample loss
+                                      "train_loss": loss_sum / max(seen, 1),  # mean per-sample loss
+                                      "lr": optimizer.param_groups[0]["lr"]}  # the model's, this epoch
             if cfg["task"] == "classify":
                 record["train_accuracy"] = correct / max(seen, 1)
             for split in ("val", "test"):
@@ -490,6 +505,8 @@ def _train(cfg: dict, out: Path, ck: dict | None, progress: bool, data: Dataset 
                         record[f"{split}_{k}"] = v
             history.append(record)
             log.log_epoch(record)
+            if scheduler is not None:
+                scheduler.step()  # per epoch, on every rank alike: the next epoch's lr in every group
             checkpoint(epoch + 1, 0, [0.0, 0.0, 0, 0])
             summary = _summary(cfg, algo.spec, history, angles, finished=epoch + 1 == cfg["epochs"], processes=world,
                                layer_log=layer_log, env=env)
