@@ -16,6 +16,7 @@ from torch import Tensor
 
 from creditlab.algorithms._relaxation_weights import relaxation_weights, tail_weights
 from creditlab.algorithms.graph_ar import GraphActivationRelaxation, GraphRelaxation, relax_graph_exact, relax_graph_simulate
+from creditlab.algorithms.graph_ar.closed_form import RATIOS, closed_form_plan, plan_cost, plan_key
 from creditlab.algorithms.graph_ar.relaxation import kept_orders
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
@@ -75,18 +76,26 @@ def test_shifts_equal_the_graded_closed_form(name, shape, options):
 ])
 def test_shifts_carry_fewer_vectors(name, shape, options, forward_rows, zero_rows):
     """The vectors pushed by a training step's relaxation (T = 100, eta = 0.1, float32, the
-    states of the units with parameters asked for): with the shifts, and with every unit
-    carrying its graded vectors (docs/graph_ar.md, "Cost")."""
+    states of the units with parameters asked for) with shifts wherever they are fewer than the
+    basis vectors, and with every unit carrying its basis (docs/graph_ar.md, "Cost"); the step
+    uses the plan of least estimated cost among those of ``RATIOS``."""
     algo, env, rel = _problem(name, shape, options, torch.float32)
-    params = {u for u in rel.order if algo._plan.params[u]}
+    params = frozenset(u for u in rel.order if algo._plan.params[u])
+    eps = float(torch.finfo(torch.float32).eps)
+    K = kept_orders(relaxation_weights(100, 0.1, "synchronous", len(rel.order) + 1), eps)
+    graph = plan_key(rel.order, rel.parents)
+    size = {u: float(rel.forward[u].numel()) for u in rel.order}
     for init, expected in (("forward", forward_rows), ("zero", zero_rows)):
-        x0 = {u: env[u] for u in rel.free} if init == "forward" else None
-        got = []
-        for shifts in (True, False):
-            with torch.no_grad():
-                relax_graph_exact(rel, x0, 100, 0.1, "synchronous", keep=params, shifts=shifts)
-            got.append(sum(rel.rows.values()))
-        assert tuple(got) == expected, init
+        fw = init == "forward"
+        plans = {r: closed_form_plan(graph, rel.out, 100, 0.1, "synchronous", K if fw else -1, eps, fw, params, r)
+                 for r in RATIOS}
+        pushes = {r: sum(len(p.push) for p in plan.units.values()) for r, plan in plans.items()}
+        assert (pushes[1.0], pushes[0.0]) == expected, init
+        x0 = {u: env[u] for u in rel.free} if fw else None
+        with torch.no_grad():
+            relax_graph_exact(rel, x0, 100, 0.1, "synchronous", keep=set(params))
+        cheapest = min(RATIOS, key=lambda r: plan_cost(plans[r], size, rel.cost))
+        assert sum(rel.rows.values()) == pushes[cheapest], init
 
 
 @pytest.mark.parametrize("schedule", ["synchronous", "sweep"])

@@ -90,6 +90,8 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         self._buffers_before: dict[str, Tensor] = {}
         self._checking = False  # the guard's re-evaluation check, on its pending step
         self.last_rows: dict[str, int] = {}  # vectors each unit's pushes carried in the last step
+        self._all_modules = list(self.model.modules())  # read every step for their train/eval modes
+        self._watch: list[Tensor] | None = None
         self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
@@ -104,7 +106,7 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         """Trace the model for its current train/eval modes (torch.fx bakes ``self.training``
         into functional calls such as ``F.dropout(h, p, self.training)``), or switch back to the
         graph traced for them; each graph has its own plan and its own first-step guard."""
-        key = tuple(m.training for m in self.model.modules())
+        key = tuple(m.training for m in self._all_modules)
         if key == self._key:
             return
         if self._key is not None:
@@ -194,7 +196,9 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         return str(op.target) if op.op == "call_module" else op.name
 
     def _watched(self) -> list[Tensor]:
-        return list(self.model.parameters()) + list(self.feedback.values())
+        if self._watch is None:  # the model's parameters and the feedback weights, listed once
+            self._watch = list(self.model.parameters()) + list(self.feedback.values())
+        return self._watch
 
     def _remember(self, rel: GraphRelaxation, states: dict[str, Tensor]) -> None:
         """Keep what the residual needs until the next step: for steps = inf only the unit names
@@ -230,12 +234,14 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         derivs: dict[str, Derivative | None] = {}
         push: dict[str, PushFn] = {}
         fused: dict[str, FusedFn] = {}
+        cost: dict[str, float] = {}
         for name in relaxed:
             u = self.unit_by_name[name]
             d = self._deriv(u, env)
             derivs[name] = d
             d_relax = d if d is not None and (exact or uses_derivative(o["derivative"], u.kind)) else None
             push[name] = self._make_push(u, env, plan, d_relax, exact)
+            cost[name] = self._push_cost(u, env, plan, d_relax)
             d_update = d if d is not None and (exact or uses_derivative(o["update_derivative"], u.kind)) else None
             if d_relax is d_update:
                 f = self._make_fused(u, env, plan, d_relax, exact)
@@ -243,7 +249,8 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
                     fused[name] = f
         forward = {name: env[name] for name in relaxed}
         parents = {name: list(dict.fromkeys(self.owner[a.name] for a in plan.parents[name])) for name in relaxed}
-        return GraphRelaxation(relaxed, push, forward, out, clamp, parents, fused=fused), derivs  # type: ignore[arg-type]
+        return GraphRelaxation(relaxed, push, forward, out, clamp, parents, fused=fused,  # type: ignore[arg-type]
+                               cost=cost), derivs
 
     @torch.no_grad()
     def relax(self, env: dict[str, Any], clamp: Tensor) -> tuple[GraphRelaxation, dict[str, Tensor], dict]:

@@ -67,11 +67,12 @@ def plan_key(order: list[str], parents: dict[str, list[str]]) -> tuple[tuple[str
 @functools.lru_cache(maxsize=64)
 def closed_form_plan(graph: tuple[tuple[str, tuple[str, ...]], ...], out: str, steps: int, eta: float,
                      schedule: str, kmax: int, tol: float, forward: bool, need: frozenset[str] | None,
-                     shifts: bool = True) -> ClosedFormPlan:
+                     ratio: float = 1.0) -> ClosedFormPlan:
     """The plan (module docstring) of a graph given as (unit, its relaxing parents) in topological
     order with output unit ``out``; ``kmax`` the last order kept (init=forward), ``tol`` the
-    relative weight at which a path length is dropped (init=zero); ``need`` the units whose
-    states are asked for (None: all); ``shifts=False``: every unit carries its basis."""
+    relative weight at or below which a path length is dropped (init=zero); ``need`` the units
+    whose states are asked for (None: all). A unit carries shifts where they are fewer than
+    ``ratio`` times its basis vectors (0: every unit carries its basis)."""
     order = [u for u, _ in graph]
     parents = dict(graph)
     n = len(order)
@@ -136,14 +137,14 @@ def closed_form_plan(graph: tuple[tuple[str, tuple[str, ...]], ...], out: str, s
             continue
         if u == out:
             mode = "basis"
-        elif not shifts or any(phi[0] in ("E", "G") for _, _, phi in dem):
+        elif ratio <= 0 or any(phi[0] in ("E", "G") for _, _, phi in dem):
             mode = "basis"
         else:
             ks = {k for _, _, phi in dem for k, _ in terms(u, "shifts", phi)}
             kb = {k for _, _, phi in dem for k, _ in terms(u, "basis", phi)}
             if forward and 0 in kb:  # E[0] is made from x(0) and S: S is pushed for it, E[0] is not
                 kb = (kb | {"S"}) - {0}
-            mode = "shifts" if len(ks) < len(kb) else "basis"  # the vectors u's children push for it
+            mode = "shifts" if len(ks) < ratio * len(kb) else "basis"  # the vectors u's children push for it
         state: Terms | None = None
         keyset: set[Key] = set()
         for p, pk, phi in dem:
@@ -182,6 +183,37 @@ def closed_form_plan(graph: tuple[tuple[str, tuple[str, ...]], ...], out: str, s
         route = tuple((p, tuple(tuple(r.get(k, ())) for k in push)) for p, r in routes[u].items())
         units[u] = UnitPlan(mode, keys, local, e0, push, route, state)
     return ClosedFormPlan(units, kmax if forward else -1)
+
+
+RATIOS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def plan_cost(plan: ClosedFormPlan, size: dict[str, float], cost: dict[str, float]) -> float:
+    """The plan's estimated work: each pushed vector at its unit's VJP cost (``cost``), each
+    vector added or scaled into a sum, each term of a state and each multiple of x(0) at one
+    elementwise pass over it (``size``: the unit's number of elements)."""
+    total = 0.0
+    for u, p in plan.units.items():
+        total += len(p.push) * cost.get(u, size.get(u, 1.0))
+        total += (len(p.state or ()) + len(p.local) + p.e0) * size.get(u, 1.0)
+        for parent, per in p.route:
+            total += sum(len(t) for t in per) * size.get(parent, 1.0)
+    return total
+
+
+@functools.lru_cache(maxsize=64)
+def cheapest_plan(graph: tuple[tuple[str, tuple[str, ...]], ...], out: str, steps: int, eta: float, schedule: str,
+                  kmax: int, tol: float, forward: bool, need: frozenset[str] | None,
+                  costs: tuple[tuple[str, float, float], ...]) -> ClosedFormPlan:
+    """Of the plans for the ratios in ``RATIOS`` (where shifts replace the basis), the one of
+    least :func:`plan_cost` (``costs``: per unit, its size and VJP cost). Shifts save VJPs, but
+    where a unit carrying shifts reads a child carrying its basis it forms each shift as a
+    weighted sum of all of the child's vectors (J x L elementwise passes): which ratio is
+    cheapest depends on the graph and the cost of its operations."""
+    size = {u: s for u, s, _ in costs}
+    cost = {u: c for u, _, c in costs}
+    plans = [closed_form_plan(graph, out, steps, eta, schedule, kmax, tol, forward, need, r) for r in RATIOS]
+    return min(plans, key=lambda p: plan_cost(p, size, cost))
 
 
 def _key_order(k: Key) -> tuple[int, int]:

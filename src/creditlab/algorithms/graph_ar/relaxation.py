@@ -13,7 +13,7 @@ from torch import Tensor
 
 from creditlab.algorithms._relaxation_weights import weights
 from creditlab.algorithms._verify import tolerance
-from creditlab.algorithms.graph_ar.closed_form import closed_form_plan, plan_key
+from creditlab.algorithms.graph_ar.closed_form import cheapest_plan, closed_form_plan, plan_key
 from creditlab.errors import ConfigError
 
 # a unit's push: the vectors it carries (its state, or several graded parts of it), one tensor
@@ -46,6 +46,9 @@ class GraphRelaxation:
     rows: dict[str, int] = field(default_factory=dict)
     fused: dict[str, FusedFn] = field(default_factory=dict)
     grads: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    # per unit, the estimated cost of its push per vector, in elementwise passes over as many
+    # elements (what the closed form's plan weighs against the sums; default the state's size)
+    cost: dict[str, float] = field(default_factory=dict)
 
     @property
     def free(self) -> list[str]:
@@ -87,6 +90,10 @@ class _Sums:
 
     def pop(self, name: str) -> dict[Hashable, Tensor]:
         return {k: v[0] for k, v in self.acc.pop(name, {}).items()}
+
+    def pop_owned(self, name: str) -> dict[Hashable, list]:
+        """The unit's sums as [tensor, owned] (an owned one may be added into in place)."""
+        return self.acc.pop(name, {})
 
 
 def weighted_sum(coef: list[float], rows: Rows) -> Tensor:
@@ -164,8 +171,9 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     these units' states (and the output's); for steps = inf the others are freed as soon as they
     are pushed, for finite steps they are not computed where no state asked for needs them.
     ``shifts``: where a unit's states below need fewer combinations of its vectors than it has
-    vectors, it carries those combinations instead (:mod:`.closed_form`; False: every unit
-    carries its graded vectors, the reference). ``updates`` (steps = inf only): the units with a
+    vectors, it may carry those combinations instead (:mod:`.closed_form`: the plan of least
+    estimated cost, from ``rel.cost``; False: every unit carries its graded vectors, the
+    reference). ``updates`` (steps = inf only): the units with a
     fused rule also compute their parameters' updates in their push's call (``rel.grads``)."""
     rel.rows, rel.grads = {}, {}
     states: dict[str, Tensor] = {rel.out: rel.clamp}
@@ -191,8 +199,13 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
     check = eta > 1.0  # coefficients of alternating sign: each state's rounding is checked
     if check:
         shifts = False  # every coefficient then enters at the state it weighs
-    plan = closed_form_plan(plan_key(rel.order, rel.parents), rel.out, T, float(eta), schedule, kmax, tol, forward,
-                            None if keep is None else frozenset(keep), shifts).units
+    graph, need = plan_key(rel.order, rel.parents), None if keep is None else frozenset(keep)
+    if shifts:
+        costs = tuple((u, float(rel.forward[u].numel()), float(rel.cost.get(u, rel.forward[u].numel())))
+                      for u in rel.order if u in rel.forward)
+        plan = cheapest_plan(graph, rel.out, T, float(eta), schedule, kmax, tol, forward, need, costs).units
+    else:
+        plan = closed_form_plan(graph, rel.out, T, float(eta), schedule, kmax, tol, forward, need, 0.0).units
     for u in [rel.out] + free:
         p = plan.get(u)
         if u == rel.out:
@@ -202,15 +215,18 @@ def relax_graph_exact(rel: GraphRelaxation, init: dict[str, Tensor] | None, step
                 if keep is None:
                     states[u] = torch.zeros_like(rel.forward[u])
                 continue
-            got = sums.pop(u)
+            got = sums.pop_owned(u)
             vecs = {}
             local = dict(p.local)
             for k in p.keys:
-                t = got.get(k)
+                g = got.get(k)
+                t = None if g is None else g[0]
                 if p.e0 and k == 0:
                     t = init[u] - vecs["S"]  # type: ignore[index]
                 elif k in local:
-                    t = init[u] * local[k] if t is None else torch.add(t, init[u], alpha=local[k])  # type: ignore[index]
+                    x0 = init[u]  # type: ignore[index]
+                    t = x0 * local[k] if t is None else t.add_(x0, alpha=local[k]) if g[1] else \
+                        torch.add(t, x0, alpha=local[k])
                 vecs[k] = t if t is not None else torch.zeros_like(rel.forward[u])
             if p.state is not None:
                 states[u] = _combine(p.state, vecs, rel.forward[u])
