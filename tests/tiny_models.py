@@ -17,5 +17,6 @@ TINY_MODELS = [
     ("lstm-smnist", (1, 28, 28), {"hidden": 6}),
     ("lstm-smnist", (784,), {"hidden": 5, "layers": 2}),
     ("lenet-biotorch", (1, 28, 28), {}),  # issue 22: BioTorch's MNIST LeNet (resized to 32x32 inside)
+    ("vgg5", (3, 16, 16), {"width": 2}),  # issue 22: PCX's VGG-5 (CIFAR-10 at width 128)
 ]
 TINY_IDS = [f"{n}-{'x'.join(map(str, s))}" + "".join(f"-{k}={v}" for k, v in o.items()) for n, s, o in TINY_MODELS]
