@@ -71,6 +71,13 @@ def test_a_wider_model_reports_at_least_its_extra_parameters_and_gradients_in_me
     assert mem[2048]["setup_bytes"] - mem[64]["setup_bytes"] >= 0.9 * extra  # resident, up to the page rounding
 
 
+def test_adam_adds_its_two_moments_per_parameter_to_the_step_memory():
+    arch, params = "784-2048-2048-10", 784 * 2048 + 2048 * 2048 + 2048 * 10
+    mem = {opt: run_bench(["bp"], arch=arch, repeats=1, warmup=0, threads=1, optimizer=opt)["results"][0]["memory"]
+           for opt in ("sgd", "adam")}
+    assert mem["adam"]["step_bytes"] - mem["sgd"]["step_bytes"] >= 2 * params * 4
+
+
 def test_a_memory_measurement_that_fails_in_its_process_is_one_error_naming_the_algorithm():
     job = {"problem": {"arch": "6-4-3", "model": None, "act": "relu", "out_act": "linear", "bias": False,
                        "init": "normal(0.05)", "batch": 2, "loss": "mse", "lr": 1e-3, "seed": 0, "in_shape": None,
@@ -109,6 +116,7 @@ def test_table3_layers_cover_every_lc_layer_of_table3():
     (["--memory-steps", "0"], "argument --memory-steps: 0 must be >= 1"),
     (["--threads", "0"], "argument --threads: 0 must be >= 1"),
     (["--clock", "sundial"], "--clock 'sundial'; valid: wall, cpu"),
+    (["--optimizer", "lbfgs"], "--optimizer 'lbfgs'; valid: sgd, adam"),
     (["--dtype", "float16"], "--dtype 'float16'; valid: float32, float64"),
     (["--lc-layers", "mnist,svhn"], "--lc-layers mnist,svhn: give Table 3 networks among mnist, cifar, imagenet"),
     (["--lc-layers", "--algos", "bp,fa"], "bench --lc-layers times single layers, not algorithms; drop --algos"),

@@ -99,11 +99,15 @@ def _problem(p: dict[str, Any], dev: torch.device, dt: torch.dtype):
     return net.to(device=dev, dtype=dt), x, y
 
 
+#: the optimizers a bench step may use (plain SGD keeps no state; Adam two moments per parameter)
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
 def _trainer(spec: str, net: nn.Module, p: dict[str, Any]):
     lossf = build_loss(p["loss"])
     algo = build_algorithm(spec, net, lossf)
     groups = [{"params": list(net.parameters())}] + algo.param_groups(p["lr"])
-    return algo, torch.optim.SGD(groups, lr=p["lr"])
+    return algo, OPTIMIZERS[p.get("optimizer", "sgd")](groups, lr=p["lr"])
 
 
 def _step(algo, opt, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -117,18 +121,21 @@ def run_bench(algos: list[str], arch: str | None = "784-300-300-100-10", model: 
               batch: int = 64, loss: str = "mse", dtype: str = "float32", device: str = "cpu",
               repeats: int = 50, warmup: int = 5, lr: float = 5e-4, seed: int = 0,
               in_shape: tuple[int, ...] | None = None, classes: int = 10, memory: bool = True,
-              memory_steps: int = 3, threads: int | None = None, clock: str = "wall") -> dict[str, Any]:
+              memory_steps: int = 3, threads: int | None = None, clock: str = "wall",
+              optimizer: str = "sgd") -> dict[str, Any]:
     """Time every algorithm of ``algos`` (bp first) in this process and, with ``memory``, measure
     each one's memory in a fresh process (module docstring)."""
     dev, dt = resolve_device(device), _dtype(dtype)
     now = _clock(clock, dev)
     if memory_steps < 1:
         raise ConfigError(f"memory_steps={memory_steps}: give 1 or more")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     _threads(threads)
     specs = ["bp"] + [a for a in algos if a != "bp"]
     p = {"arch": arch, "model": model, "act": act, "out_act": out_act, "bias": bias, "init": init, "batch": batch,
          "loss": loss, "lr": lr, "seed": seed, "in_shape": None if in_shape is None else list(in_shape),
-         "classes": classes, "specs": specs}
+         "classes": classes, "specs": specs, "optimizer": optimizer}
     runs = []
     for spec in specs:
         net, x, y = _problem(p, dev, dt)
@@ -159,7 +166,8 @@ def run_bench(algos: list[str], arch: str | None = "784-300-300-100-10", model: 
         for r in results:
             r["memory"] = measure_memory(r["algo"], job)
     return {"device": _device_name(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "dtype": dtype, "batch": batch, "arch": arch, "model": model, "repeats": repeats, "clock": clock,
+            "dtype": dtype, "batch": batch, "arch": arch, "model": model, "optimizer": optimizer, "lr": lr,
+            "repeats": repeats, "clock": clock,
             "memory_steps": memory_steps if memory else None, "results": results}
 
 

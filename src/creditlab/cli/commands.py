@@ -234,12 +234,12 @@ def cmd_bench(args) -> int:
                     init=args.init, batch=args.batch, loss=args.loss, dtype=args.dtype, device=args.device or "cpu",
                     repeats=args.repeats, warmup=args.warmup, in_shape=_shape(args.in_shape), classes=args.classes,
                     memory=not args.no_memory, memory_steps=args.memory_steps, threads=args.threads,
-                    clock=args.clock)
+                    clock=args.clock, optimizer=args.optimizer)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"one training step, median of {res['repeats']} ({res['device']}, {res['threads']} threads, "
-          f"{res['dtype']}, batch {res['batch']}, {res['clock']} clock)" + ("" if args.no_memory else
+          f"{res['dtype']}, batch {res['batch']}, {res['optimizer']}, {res['clock']} clock)" + ("" if args.no_memory else
           f"; memory over {res['memory_steps']} steps in a fresh process each: peak, and what training adds to "
           "the model and batch"))
     for r in res["results"]:

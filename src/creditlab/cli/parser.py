@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_int_at_least(1), help="torch threads (default: torch's)")
     b.add_argument("--clock", default="wall", help="wall (elapsed time, default) or cpu (this process's CPU time, "
                                                    "all threads: on a shared machine, use it with --threads 1)")
+    b.add_argument("--optimizer", default="sgd", help="sgd (no state, default) or adam (two moments per "
+                                                       "parameter, as the Bartunov experiments train)")
     b.add_argument("--no-memory", action="store_true",
                    help="time only; by default each algorithm's memory is also measured, in a fresh process each "
                         "(CPU: resident set; CUDA: the allocator's peak)")
