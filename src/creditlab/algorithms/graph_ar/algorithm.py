@@ -100,7 +100,8 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
             self._make_feedback()
 
     # -- the traced graph, one per train/eval configuration --------------------------
-    _GRAPH = ("gm", "_rec", "_rec_names", "units", "owner", "out_node", "unit_by_name", "_plan", "_verified")
+    _GRAPH = ("gm", "_rec", "_rec_names", "units", "owner", "out_node", "unit_by_name", "_plan", "_verified",
+              "_buffer_slots", "_costs")
 
     def _use_graph(self) -> None:
         """Trace the model for its current train/eval modes (torch.fx bakes ``self.training``
@@ -120,6 +121,11 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
             self.unit_by_name = {u.name: u for u in self.units}
             self._plan: Plan | None = None
             self._verified = False
+            # (qualified name, module, key) of every buffer, read live each step (a module's
+            # buffers may be replaced, e.g. by .to()); the push costs per batch shape
+            self._buffer_slots = [(f"{mn}.{k}" if mn else k, mod, k) for mn, mod in self.gm.named_modules()
+                                  for k, b in mod._buffers.items() if b is not None]
+            self._costs: dict[tuple, dict[str, float]] = {}
         self._key = key
 
     def _inputs(self, u: Unit) -> list[fx.Node]:
@@ -212,7 +218,8 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         """Every node's forward value (and max-pool indices, random states) for the batch; the
         buffers as they were before it are kept for re-evaluating operations."""
         self._use_graph()
-        self._buffers_before = {n: b.detach().clone() for n, b in self.gm.named_buffers()}
+        self._buffers_before = {n: mod._buffers[k].detach().clone() for n, mod, k in self._buffer_slots
+                                if mod._buffers.get(k) is not None}
         return dict(zip(self._rec_names, self._rec(x)))
 
     def _deriv(self, u: Unit, env: dict[str, Any]) -> Derivative | None:
@@ -234,19 +241,26 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         derivs: dict[str, Derivative | None] = {}
         push: dict[str, PushFn] = {}
         fused: dict[str, FusedFn] = {}
-        cost: dict[str, float] = {}
+        # the costs only weigh plans against each other (every plan is exact): keyed on shapes
+        shape_key = (tuple(clamp.shape), tuple(getattr(env.get(relaxed[0]), "shape", ())), exact)
+        cost = self._costs.get(shape_key)
+        known = cost is not None
+        cost = {} if cost is None else cost
         for name in relaxed:
             u = self.unit_by_name[name]
             d = self._deriv(u, env)
             derivs[name] = d
             d_relax = d if d is not None and (exact or uses_derivative(o["derivative"], u.kind)) else None
             push[name] = self._make_push(u, env, plan, d_relax, exact)
-            cost[name] = self._push_cost(u, env, plan, d_relax)
+            if not known:
+                cost[name] = self._push_cost(u, env, plan, d_relax)
             d_update = d if d is not None and (exact or uses_derivative(o["update_derivative"], u.kind)) else None
             if d_relax is d_update:
                 f = self._make_fused(u, env, plan, d_relax, exact)
                 if f is not None:
                     fused[name] = f
+        if not known:
+            self._costs[shape_key] = cost
         forward = {name: env[name] for name in relaxed}
         parents = {name: list(dict.fromkeys(self.owner[a.name] for a in plan.parents[name])) for name in relaxed}
         return GraphRelaxation(relaxed, push, forward, out, clamp, parents, fused=fused,  # type: ignore[arg-type]
