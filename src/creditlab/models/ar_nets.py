@@ -29,19 +29,12 @@ from torch import Tensor, nn
 
 from creditlab.errors import ConfigError
 from creditlab.models import make_activation, register_model
-from creditlab.models.init import check_init, init_weight_
+from creditlab.models.init import init_module_
 
 
 def _init(module: nn.Module, init: str) -> nn.Module:
     """init_weight_ on every Linear/Conv2d weight, zero biases; records ``init_spec``."""
-    spec = check_init(init)
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            init_weight_(m.weight, spec)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    module.init_spec = spec  # type: ignore[assignment]
-    return module
+    return init_module_(module, init)
 
 
 def _features(in_shape: tuple[int, ...]) -> int:

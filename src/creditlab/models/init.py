@@ -40,3 +40,18 @@ def init_weight_(weight: Tensor, spec: str, fan_in: int | None = None, fan_out: 
         return nn.init.orthogonal_(weight)
     # default: PyTorch's nn.Linear scheme (kaiming uniform a=sqrt(5))
     return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def init_module_(module: nn.Module, spec: str, keep_default: bool = False) -> nn.Module:
+    """``init_weight_`` on every ``nn.Linear`` / ``nn.Conv2d`` weight of ``module`` and zero
+    biases, recording the spec as ``module.init_spec``. With ``keep_default``, the spec
+    ``default`` leaves PyTorch's own initialisation (weights and biases) untouched."""
+    spec = check_init(spec)
+    if not (keep_default and spec == "default"):
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                init_weight_(m.weight, spec)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    module.init_spec = spec  # type: ignore[assignment]
+    return module

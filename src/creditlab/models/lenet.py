@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from creditlab.errors import ConfigError
 from creditlab.models import register_model
-from creditlab.models.init import check_init, init_weight_
+from creditlab.models.init import init_module_
 
 
 class LeNetBioTorch(nn.Module):
@@ -62,11 +62,4 @@ def lenet_biotorch(in_shape, num_classes, resize: int = 32, init: str = "xavier"
     if resize == 0 and tuple(in_shape[1:]) != (32, 32):
         raise ConfigError(f"model 'lenet-biotorch': with resize=0 the images must be 32x32 (they are "
                           f"{in_shape[1]}x{in_shape[2]}); keep resize=32")
-    model = LeNetBioTorch(int(in_shape[0]), num_classes, resize)
-    spec = check_init(init)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            init_weight_(m.weight, spec)
-            nn.init.zeros_(m.bias)
-    model.init_spec = spec  # type: ignore[assignment]
-    return model
+    return init_module_(LeNetBioTorch(int(in_shape[0]), num_classes, resize), init)

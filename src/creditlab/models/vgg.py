@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from creditlab.errors import ConfigError
 from creditlab.models import register_model
-from creditlab.models.init import check_init, init_weight_
+from creditlab.models.init import init_module_
 
 
 class VGG5(nn.Module):
@@ -58,12 +58,4 @@ def vgg5(in_shape, num_classes, width: int = 128, init: str = "default"):
     if h % 16 or w % 16:
         raise ConfigError(f"model 'vgg5': the images are {h}x{w}; its four 2x2 poolings need sides divisible "
                           f"by 16 (CIFAR-10's 32x32)")
-    model = VGG5(int(in_shape[0]), num_classes, width, (h, w))
-    spec = check_init(init)
-    if spec != "default":
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                init_weight_(m.weight, spec)
-                nn.init.zeros_(m.bias)
-    model.init_spec = spec  # type: ignore[assignment]
-    return model
+    return init_module_(VGG5(int(in_shape[0]), num_classes, width, (h, w)), init, keep_default=True)
