@@ -9,8 +9,10 @@ closed form makes them (each unit carries the shifts its states below need, or i
 vectors, whichever are fewer; terms below the dtype's precision dropped), with every unit
 carrying its graded vectors (``basis``, the form before the shifts) and with nothing dropped
 (``tol=0``, basis); and the same weighted by each Conv2d/Linear unit's multiply-adds, in
-backward passes (``steps=inf`` = 1). The counts do not depend on the width, the batch or the
-data, so they are taken at width 2 on 8x8 inputs (``--lenet``: also LeNet-5 on 1x28x28). Then
+backward passes (``steps=inf`` = 1). The counts depend on the graph and, through the
+choice of plan (which weighs VJPs against sums by their sizes), on the widths and the input
+size, not on the batch or the data: they are taken at full width (16/32/64) on 32x32 inputs,
+batch 2 (``--lenet``: also LeNet-5 on 1x28x28). Then
 it times whole training steps (forward, credit assignment, SGD step) of bp and the three AR
 variants at full width, CIFAR 32x32, batch 64, interleaved, one thread, and reports medians of
 wall and of thread CPU time (on a shared machine the CPU time is the steadier of the two).
@@ -61,15 +63,15 @@ def macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return out
 
 
-def count(depth: int, dtype: torch.dtype, model: nn.Module | None = None, shape: tuple[int, ...] = (3, 8, 8)
+def count(depth: int, dtype: torch.dtype, model: nn.Module | None = None, shape: tuple[int, ...] = (3, 32, 32)
           ) -> dict[str, float]:
     """The VJPs of one step of each variant as the training step makes them (the states of the
     units with parameters asked for), with the shifts (the default), with every unit carrying its
     graded vectors (``basis``) and with nothing dropped (``tol=0``, basis)."""
     torch.manual_seed(0)
-    model = (resnet(depth, 2) if model is None else model).to(dtype).train()
-    x = torch.randn(4, *shape, dtype=dtype)
-    y = torch.randint(0, 10, (4,))
+    model = (resnet(depth, 16) if model is None else model).to(dtype).train()
+    x = torch.randn(2, *shape, dtype=dtype)
+    y = torch.randint(0, 10, (2,))
     loss = build_loss("mse")
     algo = GraphActivationRelaxation(model, loss, verify="off")
     mac = macs(model, x)

@@ -188,16 +188,22 @@ def closed_form_plan(graph: tuple[tuple[str, tuple[str, ...]], ...], out: str, s
 RATIOS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
+# the fixed cost of one tensor operation (Python, dispatch), in elements of an elementwise pass:
+# about a microsecond on the CPU, where a pass streams a few thousand elements per microsecond
+OP_OVERHEAD = 4096.0
+
+
 def plan_cost(plan: ClosedFormPlan, size: dict[str, float], cost: dict[str, float]) -> float:
     """The plan's estimated work: each pushed vector at its unit's VJP cost (``cost``), each
     vector added or scaled into a sum, each term of a state and each multiple of x(0) at one
-    elementwise pass over it (``size``: the unit's number of elements)."""
+    elementwise pass over it (``size``: the unit's number of elements), each of them plus the
+    fixed cost of an operation (``OP_OVERHEAD``)."""
     total = 0.0
     for u, p in plan.units.items():
-        total += len(p.push) * cost.get(u, size.get(u, 1.0))
-        total += (len(p.state or ()) + len(p.local) + p.e0) * size.get(u, 1.0)
+        total += len(p.push) * (cost.get(u, size.get(u, 1.0)) + OP_OVERHEAD)
+        total += (len(p.state or ()) + len(p.local) + p.e0) * (size.get(u, 1.0) + OP_OVERHEAD)
         for parent, per in p.route:
-            total += sum(len(t) for t in per) * size.get(parent, 1.0)
+            total += sum(len(t) for t in per) * (size.get(parent, 1.0) + OP_OVERHEAD)
     return total
 
 
