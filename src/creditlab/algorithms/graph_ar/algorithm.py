@@ -92,6 +92,7 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         self.last_rows: dict[str, int] = {}  # vectors each unit's pushes carried in the last step
         self._all_modules = list(self.model.modules())  # read every step for their train/eval modes
         self._watch: list[Tensor] | None = None
+        self._module_of: dict[str, nn.Module] = {}
         self._use_graph()
         self._struct_relaxed = self._structurally_relaxed()
         self.feedback = nn.ParameterDict()
@@ -162,7 +163,10 @@ class GraphActivationRelaxation(RelaxationResidual, NodeRules, GuardRules, Algor
         W itself (``transpose``, or ``transpose=True``) or psi transposed in its first two axes."""
         key = self._fb_of.get(target)
         if key is None or transpose:
-            return self.gm.get_submodule(target).weight
+            m = self._module_of.get(target)
+            if m is None:  # (a trace holds the model's own submodules: one lookup per target)
+                m = self._module_of[target] = self.gm.get_submodule(target)
+            return m.weight
         return self.feedback[key].transpose(0, 1)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:

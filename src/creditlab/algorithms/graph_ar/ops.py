@@ -99,6 +99,14 @@ def get_attr(gm: nn.Module, target: str) -> Any:
 
 
 def act_name(gm: fx.GraphModule, act: fx.Node) -> str | None:
+    """The activation's name where its derivative has a closed form (tanh, sigmoid, relu,
+    identity), else None; kept in the node's meta (a traced node's operation does not change)."""
+    if "ar_act_name" not in act.meta:
+        act.meta["ar_act_name"] = _act_name(gm, act)
+    return act.meta["ar_act_name"]
+
+
+def _act_name(gm: fx.GraphModule, act: fx.Node) -> str | None:
     if act.op == "call_module":
         m = gm.get_submodule(str(act.target))
         for name, types in (("tanh", (Tanh, nn.Tanh)), ("sigmoid", (Sigmoid, nn.Sigmoid)), ("relu", (ReLU, nn.ReLU)),
