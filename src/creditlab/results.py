@@ -70,15 +70,15 @@ def check_finished(run_dir: Path, diverged_ok: bool = False) -> tuple[dict, list
         raise ConfigError(f"{run_dir} holds a single run (creditlab train), not a comparison; results add takes "
                           f"the directory of a creditlab compare or collect")
     runs = comparison_runs(run_dir)
-    bad, diverged = [], set()
+    bad, diverged, some_diverged = [], set(), False
     for run in runs:
         o = read_outcome(run)
         if o.status == "diverged" and diverged_ok:
             diverged.add(run)
         elif o.status != "ok":
+            some_diverged |= o.status == "diverged"
             bad.append(f"{run.algo} seed {run.seed} {o.status} ({o.message}; {run.dir})")
     if bad:
-        some_diverged = any(" diverged (" in b for b in bad)
         raise ConfigError(f"{run_dir}: not a finished comparison, {len(bad)} run(s) not finished: " + "; ".join(bad)
                           + ". Resume or rerun them (creditlab compare --resume --out DIR, or the plan's rerun lines "
                             "and creditlab collect DIR), then add the result"
@@ -133,13 +133,14 @@ def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "re
             out = tmp / slug(run.algo) / f"seed{run.seed}"
             out.mkdir(parents=True, exist_ok=True)
             if run in diverged:  # its outcome: what it wrote before it stopped
-                for name in (*RUN_FILES, DIVERGED):
-                    if (run.dir / name).is_file():
-                        shutil.copyfile(run.dir / name, out / name)
-            for name in RUN_FILES if run not in diverged else ():
-                if not (run.dir / name).is_file():
-                    raise ConfigError(f"{run.dir}: no {name} (a finished run writes it); rerun {run.algo} seed "
+                names = [n for n in (*RUN_FILES, DIVERGED) if (run.dir / n).is_file()]
+            else:
+                missing = [n for n in RUN_FILES if not (run.dir / n).is_file()]
+                if missing:
+                    raise ConfigError(f"{run.dir}: no {missing[0]} (a finished run writes it); rerun {run.algo} seed "
                                       f"{run.seed}")
+                names = list(RUN_FILES)
+            for name in names:
                 shutil.copyfile(run.dir / name, out / name)
             jsonl = run.dir / "metrics.jsonl"
             if jsonl.is_file() and jsonl.stat().st_size <= JSONL_LIMIT:
