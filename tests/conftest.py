@@ -2,7 +2,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.threads import one_thread
 
 
 def shared_data() -> Path | None:
@@ -28,7 +29,5 @@ def _isolate(tmp_path, monkeypatch):
     """No test writes into the user's cache or downloads anything by accident; one torch thread
     (intra-op threading only adds contention for these small nets on 2 cores)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield

@@ -14,6 +14,7 @@ from creditlab.diagnostics.node_perturbation import feedback_report, relative_er
 from creditlab.errors import ConfigError
 from creditlab.losses import build_loss
 from creditlab.models import MLP, build_named_model
+from tests.threads import one_thread
 
 DT = torch.float64
 
@@ -21,10 +22,8 @@ DT = torch.float64
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny tensors: intra-op threads only add overhead (and contend on a shared machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def mlp(sizes: str, act: str = "sigmoid", out_act: str = "sigmoid", seed: int = 0, init: str = "xavier_normal") -> MLP:

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from creditlab import report
 from creditlab.compare import collect, compare, plan
@@ -30,32 +29,25 @@ from creditlab.train import train
 DATASET = "fake:n=60,classes=3,shape=1x4x4,test=20"
 BASE = {"name": "report-test", "dataset": DATASET, "model": {"arch": "16-8-3", "act": "tanh"}, "loss": "mse",
         "optimizer": {"name": "sgd", "lr": 0.05}, "epochs": 2, "batch_size": 16, "log_every": 1, "threads": 1}
+from tests.threads import one_thread
 
 
 # ---- the runs ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         out = tmp_path_factory.mktemp("report") / "cmp"
         compare(dict(BASE, algos=["bp", "fa"], seeds=[0, 1]), out, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
 @pytest.fixture(scope="module")
 def search_dir(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         out = tmp_path_factory.mktemp("report") / "search"
         cfg = dict(BASE, name="report-search", algo="fa", log_every=0,
                    search={"space": {"lr": ["loguniform", 1e-3, 1e-1], "momentum": ["choice", [0.0, 0.9]]}})
         run_search(cfg, 3, out, seed=0)
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
