@@ -125,6 +125,26 @@ def test_plan_then_collect_equals_compare_and_names_missing_runs(tmp_path, capsy
     assert "no plan.json" in capsys.readouterr().err
 
 
+def test_a_plan_given_relative_runs_from_any_copy_of_its_parent_directory(tmp_path, capsys, monkeypatch):
+    """A plan made with a relative DIR (as committed under experiments/plans/) names relative
+    paths only, so its commands run in a copy of the tree moved elsewhere (a clone on a cluster)."""
+    here = tmp_path / "repo"
+    here.mkdir()
+    cfg = _config(tmp_path, seeds=[0], algos=["bp"])
+    monkeypatch.chdir(here)
+    assert main(["compare", "--config", cfg, "--plan", "plans/p"]) == 0
+    assert "relative to" in capsys.readouterr().out
+    text = (here / "plans" / "p" / "commands.txt").read_text()
+    assert str(tmp_path) not in text and str(tmp_path) not in (here / "plans" / "p" / "plan.json").read_text()
+    clone = tmp_path / "clone"
+    here.rename(clone)
+    monkeypatch.chdir(clone)
+    (line,) = text.splitlines()
+    assert main(shlex.split(line)[1:]) == 0
+    assert main(["collect", "plans/p"]) == 0
+    assert _read(clone / "plans" / "p" / "summary.json")["algorithms"][0]["test_accuracy_mean"] is not None
+
+
 def test_collect_names_diverged_runs_and_exits_3(tmp_path, capsys):
     cfg = _config(tmp_path, algos=["bp"], seeds=[0], loss="mse", optimizer={"name": "sgd", "lr": 1.0e6}, log_every=0)
     plan = tmp_path / "plan"

@@ -426,10 +426,13 @@ def compare(cfg: dict, out_dir: str | Path, progress: bool = True, resume: bool 
 def plan(cfg: dict, plan_dir: str | Path, program: str = "creditlab") -> list[Run]:
     """A comparison for a cluster scheduler: ``plan_dir/config.yaml`` (the comparison),
     each run's resolved ``config.yaml`` in its run directory, ``commands.txt`` with one
-    ``creditlab train`` line per run (absolute paths; line i is run i of ``plan.json``) and
-    ``plan.json`` (algorithm, seed, directory of every run) for :func:`collect`."""
+    ``creditlab train`` line per run (line i is run i of ``plan.json``) and ``plan.json``
+    (algorithm, seed, directory of every run) for :func:`collect`. The command lines name the
+    paths as ``plan_dir`` is given: absolute for an absolute one, else relative to the working
+    directory, so a plan committed inside a repository (``experiments/plans/``) runs from the
+    root of any clone of it."""
     cfg = config_mod.resolve(cfg)
-    out = Path(plan_dir).resolve()
+    out = Path(plan_dir)
     if (out / PLAN).exists():
         raise ConfigError(f"{out} already holds a plan ({PLAN}); plan into a new directory, or run its "
                           f"{COMMANDS} and then creditlab collect {out}")

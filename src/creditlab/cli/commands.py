@@ -106,10 +106,11 @@ def cmd_compare(args) -> int:
                 raise ConfigError(f"compare --plan DIR writes the runs' command lines into DIR instead of running "
                                   f"them; drop {flag}")
         runs = plan(cfg, args.plan)
-        commands = Path(args.plan).resolve() / COMMANDS
-        print(f"planned {len(runs)} runs; one creditlab train command per line in {commands}")
+        commands = Path(args.plan) / COMMANDS
+        where = "" if Path(args.plan).is_absolute() else f" (its paths are relative to {Path.cwd()}: run it from there)"
+        print(f"planned {len(runs)} runs; one creditlab train command per line in {commands}{where}")
         print(f"SLURM job array:  sbatch --array=1-{len(runs)} --wrap 'sed -n \"${{SLURM_ARRAY_TASK_ID}}p\" {commands} | bash'")
-        print(f"then:             creditlab collect {Path(args.plan).resolve()}")
+        print(f"then:             creditlab collect {Path(args.plan)}")
         return 0
     out = Path(args.out or Path("runs") / cfg["name"])
     summary = compare(cfg, out, progress=not args.quiet, resume=args.resume, jobs=args.jobs,
