@@ -16,13 +16,22 @@ comparison there; it refuses one with an unfinished or missing run (naming each)
 diverged run unless ``diverged_ok`` (a diverged run is then committed as its outcome: its
 ``config.yaml``, ``diverged.json`` (message and step) and whatever metrics it wrote; the tables
 show it as diverged), and an existing result unless ``overwrite``.
+
+A measurement (``creditlab bench/check ... --json`` or ``python scripts/X.py ... --json``) is
+committed by :func:`record` as one file, ``ROOT/<paper>/<experiment>/record.json``: the command
+as typed, its JSON output and the environment it ran in (see :func:`record`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from creditlab import config as config_mod
@@ -37,6 +46,9 @@ RUN_FILES = ("config.yaml", "summary.json", "metrics.csv")
 JSONL_LIMIT = 256 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OURS = set(TOP_FILES) | set(RUN_FILES) | {"metrics.jsonl", DIVERGED}
+#: the file of a recorded measurement
+RECORD = "record.json"
+_ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def _name(value: str, flag: str) -> str:
@@ -152,3 +164,113 @@ def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "re
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), or None where that file says nothing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _threads(omp: str | None) -> int:
+    """The threads a child command gets by default: OMP_NUM_THREADS, else torch's default here
+    (a command's own --threads, stated in its command line, overrides both)."""
+    import torch
+
+    return int(omp) if omp and omp.isdigit() else torch.get_num_threads()
+
+
+def _argv(command: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The environment assignments leading ``command`` and the argv that runs the rest:
+    ``creditlab`` as this interpreter's ``-m creditlab``, ``python``/``python3`` as this
+    interpreter; anything else is refused."""
+    env, i = {}, 0
+    while i < len(command) and _ENV_WORD.match(command[i]):
+        key, value = command[i].split("=", 1)
+        env[key] = value
+        i += 1
+    rest = command[i:]
+    if not rest or rest[0] not in ("creditlab", "python", "python3"):
+        raise ConfigError(f"results record runs a creditlab or python command (e.g. -- creditlab bench ... --json, "
+                          f"-- python scripts/pc_measure.py --cost --json), not {shlex.join(rest) or 'nothing'}")
+    head = [sys.executable, "-m", "creditlab"] if rest[0] == "creditlab" else [sys.executable]
+    return env, head + rest[1:]
+
+
+def record(command: list[str], paper: str, experiment: str, root: str | Path = "results",
+           overwrite: bool = False) -> Path:
+    """Run ``command`` (the words a user types, e.g. ``["creditlab", "bench", ..., "--json"]``,
+    optionally led by ``NAME=VALUE`` environment assignments) and write ``root/paper/experiment/
+    record.json``::
+
+        {"command": the command line as typed (creditlab spelled creditlab),
+         "result": the JSON the command printed on stdout,
+         "environment": {git_commit, git_dirty, torch_version, python_version, cpu_model,
+                         cpu_count, threads (OMP_NUM_THREADS / torch's default of this process),
+                         load_before, load_after (os.getloadavg), seconds, date (UTC)}}
+
+    Refused (ConfigError, nothing written): bad names, an existing record without ``overwrite``,
+    a folder holding a comparison, a command that fails or whose stdout is not JSON. Returns the
+    file's path."""
+    import torch
+
+    from creditlab.provenance import git_state
+
+    dest = Path(root) / _name(paper, "--paper") / _name(experiment, "--experiment")
+    path = dest / RECORD
+    if not command:
+        raise ConfigError("results record: no command; give it after --, e.g. creditlab results record --paper P "
+                          "--experiment E -- creditlab bench --json")
+    line = shlex.join(command)
+    if dest.exists() and any(p.name != RECORD for p in dest.iterdir()):
+        raise ConfigError(f"{dest} holds a comparison (results add), not a record; give the record another "
+                          f"--experiment")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already holds a record; give --overwrite to replace it")
+    env, argv = _argv(command)
+    commit, dirty = git_state()
+    before, start = _load(), datetime.datetime.now(datetime.timezone.utc)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+    except OSError as e:
+        raise ConfigError(f"results record: cannot run {line}: {e}") from None
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
+    after = _load()
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ConfigError(f"results record: {line} failed (exit {done.returncode}: {tail}); nothing recorded")
+    try:
+        result = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise ConfigError(f"results record: {line} printed no JSON on stdout (give the command --json); nothing "
+                          f"recorded") from None
+    if not isinstance(result, (dict, list)):
+        raise ConfigError(f"results record: {line} printed {type(result).__name__} JSON, not an object or list; "
+                          f"nothing recorded")
+    out = {
+        "command": line,
+        "result": result,
+        "environment": {
+            "git_commit": commit, "git_dirty": dirty, "torch_version": torch.__version__,
+            "python_version": sys.version.split()[0], "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": _threads(env.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))),
+            "load_before": before, "load_after": after, "seconds": round(seconds, 1),
+            "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RECORD}.writing")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(path)
+    return path

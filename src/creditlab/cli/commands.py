@@ -329,6 +329,17 @@ def cmd_results(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+    from creditlab.results import record
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    path = record(cmd, args.paper, args.experiment, root=args.root, overwrite=args.overwrite)
+    env = json.loads(path.read_text())["environment"]
+    print(f"recorded {path} ({env['seconds']} s, load average {env['load_before']} -> {env['load_after']}); then: "
+          f"creditlab tables")
+    return 0
+
+
 def cmd_tables(args) -> int:
     from creditlab.tables import run
 

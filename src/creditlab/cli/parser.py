@@ -12,6 +12,7 @@ from creditlab.cli.commands import (
     cmd_compare,
     cmd_list,
     cmd_relax,
+    cmd_record,
     cmd_results,
     cmd_search,
     cmd_tables,
@@ -203,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print them as JSON")
     ls.set_defaults(fn=cmd_list)
     rs = sub.add_parser("results", help="committed results: results add RUN_DIR copies a finished comparison into "
-                                        "results/<paper>/<experiment>/")
+                                        "results/<paper>/<experiment>/, results record -- COMMAND records a "
+                                        "measurement's JSON there")
     rsub = rs.add_subparsers(dest="results_action", required=True, metavar="ACTION",
-                             help="add: copy a finished compare or collect directory into results/")
+                             help="add: copy a finished compare or collect directory into results/; record: run a "
+                                  "--json measurement and write its record.json")
     ra = rsub.add_parser("add", help="copy a finished comparison's configs, summaries and metrics.csv (no checkpoints, "
                                      "no plots) into ROOT/PAPER/EXPERIMENT/")
     ra.add_argument("dir", metavar="RUN_DIR", help="a finished creditlab compare --out directory, or a collected plan")
@@ -217,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="commit diverged runs as such (their config, diverged.json and the metrics they wrote; "
                          "tables show them as diverged at their step) instead of refusing the comparison")
     ra.set_defaults(fn=cmd_results)
+    rr = rsub.add_parser("record", help="run COMMAND (creditlab bench/check ... --json, python scripts/X.py ... "
+                                        "--json), write ROOT/PAPER/EXPERIMENT/record.json: the command, its JSON, the "
+                                        "environment (commit, torch, CPU, threads, load average before and after)")
+    rr.add_argument("--paper", required=True, help="the paper's folder in results/, e.g. gait")
+    rr.add_argument("--experiment", required=True, help="the measurement's folder, e.g. gait-bench")
+    rr.add_argument("--root", default="results", help="the results folder (default results, in the current directory)")
+    rr.add_argument("--overwrite", action="store_true", help="replace an existing record")
+    rr.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                    help="the measurement, after --, as typed (NAME=VALUE words first set its environment)")
+    rr.set_defaults(fn=cmd_record)
 
     tb = sub.add_parser("tables", help="write the results tables in docs/ from results/ (spec: docs/tables.yaml)")
     tb.add_argument("--check", action="store_true", help="write nothing: exit 1, naming doc, table and row, where a "
