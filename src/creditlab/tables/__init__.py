@@ -46,8 +46,32 @@ A table with ``per_layer: {quantity: angle | residual, layers: REGEX, digits: N}
 around: one row per layer (in the model's order; ``layers`` keeps those whose name matches),
 one column per row of ``rows`` (an algorithm), each cell the run's per-layer mean over its
 logged steps: the angle to backprop (``layer_angles_deg`` of summary.json) or the relaxation
-residual (``relax_residual/LAYER`` of metrics.jsonl). ``creditlab tables --check`` regenerates every section and lists, per doc, table
-and row, every line that differs (exit 1).
+residual (``relax_residual/LAYER`` of metrics.jsonl). A row with ``step: N`` reads instead the
+values logged at training step N (``angles`` or ``relax_residual/LAYER`` of that step's
+metrics.jsonl record; a step that was not logged is refused, naming the logged ones), so the
+rows ``{algo: A, step: 0}, {algo: A, step: 10}`` give a layer's angle at steps 0 and 10.
+
+A table of measurements names ``record: results/P/E`` (in the table or per row) instead of
+``results:``: the ``record.json`` that ``creditlab results record --paper P --experiment E --
+COMMAND`` wrote (the command, its JSON output, the environment). A row's entry is the element
+of the result's ``results`` list whose ``algo`` is the row's ``algo`` (and whose keys match the
+row's ``where: {KEY: VALUE}``; ``creditlab bench --json``), or, for a result without that list,
+the whole result (one ``creditlab check --json`` per row). Its columns are ``algorithm`` and:
+
+* ``{name: field, path: ms_per_step, digits: N, sig: BOOL, scale: X, suffix: "x"}``: the number at a
+  dotted path of the entry (``memory.step_bytes`` with ``scale: 9.5367431640625e-07``: MiB),
+  times ``scale``, with N digits after the point (``sig: true``: N significant digits); null is
+  ``-``, exactly zero ``0``;
+* ``{name: list, path: layers, key: angle_deg, digits: N, sig: BOOL}``: the ``key`` of every
+  element of the list at ``path`` (each layer's angle), joined with ", ";
+* ``{name: text, key: target}``: the row's own ``target:`` text from the spec.
+
+Entries of a record in no row are a problem unless their ``algo`` is listed under ``omit``.
+Under the table: each record's command, commit, date, CPU and the load average before and after
+it ran, and how to rerun it.
+
+``creditlab tables --check`` regenerates every section and lists, per doc, table and row, every
+line that differs (exit 1).
 """
 
 from __future__ import annotations

@@ -118,6 +118,10 @@ def _add_line(command: str, dirs: list[str], diverged: bool = False) -> str:
 
 def render(table: Table, root: Path) -> tuple[list[str], list[str]]:
     """The lines between the markers of ``table`` and the data problems found on the way."""
+    if table.record or any(r.get("record") for r in table.rows or []):
+        from creditlab.tables.records import render_record
+
+        return render_record(table, root)
     if table.rows is None and table.results is None:
         raise ConfigError(f"table {table.name}: no results: and no rows")
     data: dict[str, tuple[list[str], dict[str, list[dict]]]] = {}
@@ -158,7 +162,23 @@ def render(table: Table, root: Path) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
-def _layer_values(quantity: str, run: dict) -> dict[str, float]:
+def _at_step(run: dict, step: int) -> dict:
+    """The run's metrics.jsonl record of logged step ``step``."""
+    steps = _steps(run)
+    found = next((r for r in steps if r.get("step") == step), None)
+    if found is None:
+        logged = ", ".join(str(r.get("step")) for r in steps) or "none"
+        raise ConfigError(f"{run['_dir']}/metrics.jsonl: step {step} was not logged (logged steps: {logged})")
+    return found
+
+
+def _layer_values(quantity: str, run: dict, step: int | None = None) -> dict[str, float]:
+    if step is not None:  # one logged step's per-layer values, from metrics.jsonl
+        rec = _at_step(run, step)
+        if quantity == "angle":
+            return {k: v for k, v in (rec.get("angles") or {}).items() if isinstance(v, (int, float))}
+        return {k.split("/", 1)[1]: v for k, v in rec.items()
+                if k.startswith("relax_residual/") and isinstance(v, (int, float))}
     if quantity == "angle":
         return {k: v for k, v in (run.get("layer_angles_deg") or {}).items() if isinstance(v, (int, float))}
     names: dict[str, None] = {}
@@ -177,7 +197,8 @@ def _per_layer(table: Table, cols: list[tuple[dict, list[dict]]]) -> list[str]:
     spec = table.per_layer or {}
     quantity, pattern = spec["quantity"], re.compile(str(spec.get("layers", "")))
     digits = int(spec.get("digits", 2 if quantity == "angle" else 3))
-    values = [[_layer_values(quantity, run) for run in runs if "_diverged" not in run] for _, runs in cols]
+    values = [[_layer_values(quantity, run, r.get("step")) for run in runs if "_diverged" not in run]
+              for r, runs in cols]
     layers: dict[str, None] = {}
     for per_seed in values:
         for v in per_seed:

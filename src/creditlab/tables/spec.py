@@ -42,10 +42,15 @@ COLUMNS: dict[str, tuple[str, str, str, int, bool]] = {
 _PER_EPOCH = {"test_accuracy", "val_accuracy", "train_accuracy", "test_error", "val_error", "test_loss", "val_loss"}
 _LOGGED_AT = ("mean", "first", "last")
 _SPECIAL = {"algorithm": "algorithm", "n": "n", "epochs": "epochs", "published": "published"}
-_TABLE_KEYS = {"doc", "results", "experiment", "command", "columns", "rows", "omit", "per_layer"}
+_TABLE_KEYS = {"doc", "results", "record", "experiment", "command", "columns", "rows", "omit", "per_layer"}
 _PER_LAYER_KEYS = {"quantity", "layers", "digits"}
-_ROW_KEYS = {"algo", "label", "published", "results", "experiment"}
-_COLUMN_KEYS = {"name", "header", "digits", "std", "metric", "epoch", "key", "at", "scale"}
+_ROW_KEYS = {"algo", "label", "published", "results", "experiment", "step"}
+_RECORD_ROW_KEYS = {"algo", "label", "record", "where"}
+_COLUMN_KEYS = {"name", "header", "digits", "std", "metric", "epoch", "key", "at", "scale", "path", "suffix", "sig"}
+#: the columns of a record table (results record): a value at a dotted path of the row's entry, a
+#: per-layer list of them, a per-row text of the spec; with the algorithm label
+RECORD_COLUMNS = ("field", "list", "text")
+_RECORD_ONLY = {"path", "suffix", "sig"}
 #: the keys the comparison's summary.json aggregates (compare.aggregate) and that are cross-checked
 _AGGREGATED = ("test_accuracy", "val_accuracy", "train_accuracy", "test_accuracy_at_best_val",
                "best_test_accuracy_over_training", "test_loss", "val_loss", "seconds_per_epoch", "mean_angle_deg")
@@ -61,6 +66,9 @@ class Column:
     epoch: int = 0  # at_epoch
     at: str = "mean"  # logged
     scale: float = 1.0  # a number column's values (and std) are shown times this
+    path: str = ""  # field, list: the dotted path into the row's record entry
+    suffix: str = ""  # field: text after each value, e.g. "x"
+    sig: bool = False  # field, list: digits are significant digits (else digits after the point)
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Table:
     experiment: str | None = None
     omit: tuple[str, ...] = ()
     per_layer: dict | None = None
+    record: str | None = None  # a results record folder (results record), for the rows without their own
 
 
 def _column(entry: Any, where: str) -> Column:
@@ -84,6 +93,11 @@ def _column(entry: Any, where: str) -> Column:
     extra = sorted(set(entry) - _COLUMN_KEYS)
     if extra:
         raise ConfigError(f"{where}: unknown key {extra[0]!r}; valid: {', '.join(sorted(_COLUMN_KEYS))}")
+    if entry["name"] in RECORD_COLUMNS:
+        return _record_column(entry, where)
+    if set(entry) & _RECORD_ONLY:
+        raise ConfigError(f"{where}: {sorted(set(entry) & _RECORD_ONLY)[0]} belongs to a record table's field or list "
+                          f"column")
     col = _column_of(entry, where)
     if "scale" in entry:
         scale = entry["scale"]
@@ -94,6 +108,33 @@ def _column(entry: Any, where: str) -> Column:
                               f"logged value), not to {col.name}" + (" in %" if shown in ("acc", "err") else ""))
         col = replace(col, scale=float(scale))
     return col
+
+
+def _record_column(entry: dict, where: str) -> Column:
+    """``{name: field, path: P, digits, sig, scale, suffix}``, ``{name: list, path: P, key: K, digits,
+    sig, scale}`` (the K of each element of the list at P, joined with ", "), ``{name: text, key: K}``
+    (the row's K in the spec)."""
+    name, path, key = entry["name"], entry.get("path"), entry.get("key")
+    usage = {"field": "{name: field, path: DOTTED.PATH, header: TEXT, digits: N, sig: BOOL, scale: X, suffix: TEXT}",
+             "list": "{name: list, path: DOTTED.PATH, key: KEY, header: TEXT, digits: N, sig: BOOL, scale: X}",
+             "text": "{name: text, key: ROW_KEY, header: TEXT}"}[name]
+    allowed = {"field": {"path", "header", "digits", "sig", "scale", "suffix"},
+               "list": {"path", "key", "header", "digits", "sig", "scale"}, "text": {"key", "header"}}[name]
+    bad = sorted(set(entry) - allowed - {"name"})
+    needs_path = name != "text"
+    needs_key = name != "field"
+    if (bad or (needs_path and (not isinstance(path, str) or not path))
+            or (needs_key and (not isinstance(key, str) or not key))):
+        raise ConfigError(f"{where}: a {name} column is {usage}" + (f" ({bad[0]!r} does not apply)" if bad else ""))
+    scale = entry.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale == 0:
+        raise ConfigError(f"{where}: scale is a non-zero number")
+    digits = entry.get("digits", 3 if entry.get("sig") else 2)
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < (1 if entry.get("sig") else 0):
+        raise ConfigError(f"{where}: digits is a whole number (>= 1 with sig)")
+    return Column(name, str(entry.get("header", key if name == "text" else path)), digits, False,
+                  key or "", scale=float(scale), path=path or "", suffix=str(entry.get("suffix", "")),
+                  sig=bool(entry.get("sig", False)))
 
 
 def _column_of(entry: dict, where: str) -> Column:
@@ -126,7 +167,7 @@ def _column_of(entry: dict, where: str) -> Column:
         return Column(name, entry.get("header", _SPECIAL[name]))
     if name not in COLUMNS:
         raise ConfigError(f"{where}: unknown column {name!r}; valid: {', '.join([*_SPECIAL, *COLUMNS])}, at_epoch, "
-                          f"min_over_epochs, logged")
+                          f"min_over_epochs, logged (and in a record table: {', '.join(RECORD_COLUMNS)})")
     header, _, _, digits, std = COLUMNS[name]
     return Column(name, entry.get("header", header), int(entry.get("digits", digits)), bool(entry.get("std", std)))
 
@@ -147,6 +188,9 @@ def load_spec(path: Path) -> list[Table]:
             raise ConfigError(f"{where} must be a mapping")
         extra = sorted(set(t) - _TABLE_KEYS)
         rows = t.get("rows")
+        if not extra and (t.get("record") or (rows and all(isinstance(r, dict) and r.get("record") for r in rows))):
+            tables.append(_record_table(name, t, where))
+            continue
         per_row = bool(rows) and all(isinstance(r, dict) and r.get("results") for r in rows)
         needed = ("doc", "results", "command") + (("columns",) if not t.get("per_layer") else ("rows",))
         missing = [k for k in needed if not t.get(k) and not (k == "results" and per_row)]
@@ -156,7 +200,12 @@ def load_spec(path: Path) -> list[Table]:
         for i, r in enumerate(rows or []):
             if not isinstance(r, dict) or "algo" not in r or set(r) - _ROW_KEYS:
                 raise ConfigError(f"{where}: row {i + 1} must be {{algo: SPEC, label: TEXT, published: PATH}} (and "
-                                  f"optionally its own results: and experiment:)")
+                                  f"optionally its own results: and experiment:, and in a per_layer table step:)")
+            step = r.get("step")
+            if step is not None and (not t.get("per_layer") or isinstance(step, bool) or not isinstance(step, int)
+                                     or step < 0):
+                raise ConfigError(f"{where}: row {i + 1}: step (a logged training step, >= 0) belongs to a per_layer "
+                                  f"table's row")
             if r.get("published") is not None and not (r.get("experiment") or t.get("experiment")):
                 raise ConfigError(f"{where}: row {i + 1} has a published value but no experiment: (the YAML whose "
                                   f"published: block holds it), in the row or the table")
@@ -177,3 +226,29 @@ def load_spec(path: Path) -> list[Table]:
                             [_column(c, f"{where}, column {i + 1}") for i, c in enumerate(t.get("columns") or [])],
                             rows, t.get("experiment"), tuple(t.get("omit") or ()), per_layer))
     return tables
+
+
+def _record_table(name: str, t: dict, where: str) -> Table:
+    """A table of measurements (``record:``, see the package docstring), checked."""
+    if t.get("results") or t.get("per_layer") or t.get("experiment"):
+        key = next(k for k in ("results", "per_layer", "experiment") if t.get(k))
+        raise ConfigError(f"{where}: a record table takes no {key}: (it reads results/P/E/record.json)")
+    missing = [k for k in ("doc", "columns", "rows") if not t.get(k)]
+    if missing:
+        raise ConfigError(f"{where}: no {missing[0]}; a record table has doc, record (or each row's), columns, rows")
+    columns = [_column(c, f"{where}, column {i + 1}") for i, c in enumerate(t["columns"])]
+    wrong = [c.name for c in columns if c.name not in (*RECORD_COLUMNS, "algorithm")]
+    if wrong:
+        raise ConfigError(f"{where}: column {wrong[0]} reads a comparison; a record table's columns are algorithm, "
+                          f"{', '.join(RECORD_COLUMNS)}")
+    texts = {c.metric for c in columns if c.name == "text"}
+    for i, r in enumerate(t["rows"]):
+        bad = sorted(set(r) - _RECORD_ROW_KEYS - texts) if isinstance(r, dict) else ["?"]
+        if bad or not (r.get("record") or t.get("record")):
+            raise ConfigError(f"{where}: row {i + 1} must be {{algo: SPEC, label: TEXT, record: results/P/E, where: "
+                              f"{{KEY: VALUE}}}} (and the keys of its text columns: {', '.join(sorted(texts)) or 'none'})"
+                              + (f"; {bad[0]!r} is none of these" if bad and bad != ["?"] else ""))
+        if r.get("where") is not None and not isinstance(r["where"], dict):
+            raise ConfigError(f"{where}: row {i + 1}: where is a mapping {{KEY: VALUE}} the entry must match")
+    return Table(name, t["doc"], None, " ".join(str(t.get("command") or "").split()), columns, t["rows"], None,
+                 tuple(t.get("omit") or ()), None, t.get("record"))
