@@ -18,11 +18,21 @@ variants at full width, CIFAR 32x32, batch 64, interleaved, one thread, and repo
 wall and of thread CPU time (on a shared machine the CPU time is the steadier of the two).
 
     OMP_NUM_THREADS=1 python scripts/graph_ar_cost.py --measure 20,32 --repeats 5 > cost.md
+
+``--json`` prints one JSON object instead of the Markdown tables (for ``creditlab results
+record``): ``{"batch", "repeats", "warmup", "results": [...]}`` with, per counted model,
+``{"kind": "count", "depth": 20 | "lenet5", "states", "longest_path", "float32": {VARIANT:
+{"vjps", "passes"}}, "float64": {...}}`` (VARIANT: ``steps_inf``, ``init_zero``,
+``init_zero_graded``, ``init_zero_tol0``, ``init_forward``, ``init_forward_graded``,
+``init_forward_tol0``), then per timed depth and algorithm ``{"kind": "time", "depth", "algo",
+"wall_ms", "cpu_ms", "wall_ratio_vs_bp", "cpu_ratio_vs_bp"}``. An empty ``--depths`` counts no
+ResNet (``--depths "" --measure 20,32``: only the timings).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -123,20 +133,32 @@ def measure(depth: int, repeats: int, warmup: int, batch: int) -> dict[str, tupl
             for s, ts in times.items()}
 
 
+#: the JSON names of count()'s keys (a dotted path cannot hold "=" and "," readably)
+_JSON_KEYS = {"steps=inf": "steps_inf", "init=zero": "init_zero", "init=zero,basis": "init_zero_graded",
+              "init=zero,tol=0": "init_zero_tol0", "init=forward": "init_forward",
+              "init=forward,basis": "init_forward_graded", "init=forward,tol=0": "init_forward_tol0"}
+
+
+def _count_entry(d: int | str, r: dict[str, float], r64: dict[str, float]) -> dict:
+    def variants(row: dict[str, float]) -> dict:
+        return {name: {"vjps": int(row[key]), "passes": row[key + ":passes"]} for key, name in _JSON_KEYS.items()}
+    return {"kind": "count", "depth": d, "states": int(r["states"]), "longest_path": int(r["longest"]),
+            "float32": variants(r), "float64": variants(r64)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", default="20,32,44,56,110")
+    ap.add_argument("--depths", default="20,32,44,56,110", help="depths to count (comma-separated; empty: none)")
     ap.add_argument("--measure", default="20", help="depths to time (comma-separated; empty: none)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lenet", action="store_true", help="also count lenet5 (1x28x28)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    depths = [int(d) for d in args.depths.split(",")]
-    print("| depth | states | longest path | `steps=inf` | `init=zero` float32 (basis; tol=0) | float64 "
-          "| `init=forward` float32 (basis; tol=0) | float64 |")
-    print("|---|---|---|---|---|---|---|---|")
+    depths = [int(d) for d in args.depths.split(",") if d]
+    entries: list[dict] = []
     rows32 = {d: count(d, torch.float32) for d in depths}
     rows64 = {d: count(d, torch.float64) for d in depths}
     if args.lenet:
@@ -144,8 +166,15 @@ def main() -> None:
         torch.manual_seed(0)
         rows32["lenet5"] = count(0, torch.float32, build_named_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
         rows64["lenet5"] = count(0, torch.float64, build_named_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
+    if rows32 and not args.json:
+        print("| depth | states | longest path | `steps=inf` | `init=zero` float32 (basis; tol=0) | float64 "
+              "| `init=forward` float32 (basis; tol=0) | float64 |")
+        print("|---|---|---|---|---|---|---|---|")
     for d in rows32:
         r, r64 = rows32[d], rows64[d]
+        entries.append(_count_entry(d, r, r64))
+        if args.json:
+            continue
 
         def cell(key: str, r=r) -> str:
             return f"{r[key]:.0f} / {r[key + ':passes']:.1f}"
@@ -154,17 +183,22 @@ def main() -> None:
               f"| {cell('init=forward')} ({cell('init=forward,basis')}; {cell('init=forward,tol=0')}) "
               f"| {cell('init=forward', r64)} |")
     measured = [int(d) for d in args.measure.split(",") if d]
-    if not measured:
-        return
-    print()
-    print(f"| depth | bp ms (wall / CPU) | `ar:steps=inf` | `ar:init=zero` | `ar` (init=forward) |  "
-          f"(ratio to bp: wall / CPU; batch {args.batch}, float32, median of {args.repeats})")
-    print("|---|---|---|---|---|")
+    if measured and not args.json:
+        print()
+        print(f"| depth | bp ms (wall / CPU) | `ar:steps=inf` | `ar:init=zero` | `ar` (init=forward) |  "
+              f"(ratio to bp: wall / CPU; batch {args.batch}, float32, median of {args.repeats})")
+        print("|---|---|---|---|---|")
     for d in measured:
         t = measure(d, args.repeats, args.warmup, args.batch)
         bw, bc = t["bp"]
-        cells = [f"{t[s][0] / bw:.2f}x / {t[s][1] / bc:.2f}x" for s in ("ar:steps=inf", "ar:init=zero", "ar")]
-        print(f"| {d} | {bw:.0f} / {bc:.0f} | " + " | ".join(cells) + " |", flush=True)
+        entries += [{"kind": "time", "depth": d, "algo": s, "wall_ms": w, "cpu_ms": c, "wall_ratio_vs_bp": w / bw,
+                     "cpu_ratio_vs_bp": c / bc} for s, (w, c) in t.items()]
+        if not args.json:
+            cells = [f"{t[s][0] / bw:.2f}x / {t[s][1] / bc:.2f}x" for s in ("ar:steps=inf", "ar:init=zero", "ar")]
+            print(f"| {d} | {bw:.0f} / {bc:.0f} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        print(json.dumps({"batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "results": entries},
+                         indent=2))
 
 
 if __name__ == "__main__":
