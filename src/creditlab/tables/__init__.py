@@ -56,7 +56,10 @@ A table of measurements names ``record: results/P/E`` (in the table or per row) 
 COMMAND`` wrote (the command, its JSON output, the environment). A row's entry is the element
 of the result's ``results`` list whose ``algo`` is the row's ``algo`` (and whose keys match the
 row's ``where: {KEY: VALUE}``; ``creditlab bench --json``), or, for a result without that list,
-the whole result (one ``creditlab check --json`` per row). Its columns are ``algorithm`` and:
+the whole result (one ``creditlab check --json`` per row). ``entries: PATH`` (a dotted path of
+the result, which must hold a list) names the list rows select from instead of ``results``, e.g.
+``entries: layers`` for ``creditlab bench --lc-layers --json``, whose rows select a layer by
+``where: {name: cifar-1}``. Its columns are ``algorithm`` and:
 
 * ``{name: field, path: ms_per_step, digits: N, sig: BOOL, scale: X, suffix: "x"}``: the number at a
   dotted path of the entry (``memory.step_bytes`` with ``scale: 9.5367431640625e-07``: MiB),

@@ -21,11 +21,21 @@ def read_record(directory: Path) -> dict:
     return rec
 
 
-def _entries(rec: dict) -> list[Any] | None:
-    """The list of entries a row selects from (``result.results``), or None: the row's entry is
-    the whole result."""
+def _entries(table: Table, rel: str, rec: dict) -> list[Any] | None:
+    """The list of entries a row selects from (``result.results``, or the table's ``entries:``
+    path, which must lead to a list), or None: the row's entry is the whole result."""
     res = rec["result"]
-    return res["results"] if isinstance(res, dict) and isinstance(res.get("results"), list) else None
+    if table.entries is None:
+        return res["results"] if isinstance(res, dict) and isinstance(res.get("results"), list) else None
+    found = _at(res, table.entries, f"table {table.name}: {rel} (entries: {table.entries})")
+    if not isinstance(found, list):
+        raise ConfigError(f"table {table.name}: {rel}: entries {table.entries} is {type(found).__name__}, not a list")
+    return found
+
+
+def _name(entry: Any) -> str:
+    """An entry as an error message names it: its algo, else its name."""
+    return str(entry.get("algo") or entry.get("name")) if isinstance(entry, dict) else repr(entry)
 
 
 def _label(row: dict) -> str:
@@ -34,7 +44,7 @@ def _label(row: dict) -> str:
 
 def _select(table: Table, rel: str, rec: dict, row: dict) -> tuple[int | None, Any]:
     """The row's entry of the record (its index in ``result.results``, or None for the whole result)."""
-    entries = _entries(rec)
+    entries = _entries(table, rel, rec)
     where = row.get("where") or {}
     if entries is None:
         res = rec["result"]
@@ -48,7 +58,7 @@ def _select(table: Table, rel: str, rec: dict, row: dict) -> tuple[int | None, A
              and (row.get("algo") is None or e.get("algo") == row["algo"])
              and all(e.get(k) == v for k, v in where.items())]
     if len(found) != 1:
-        has = ", ".join(str(e.get("algo")) for e in entries if isinstance(e, dict))
+        has = ", ".join(_name(e) for e in entries if isinstance(e, dict))
         what = f"algo {row.get('algo')}" + (f" where {where}" if where else "")
         raise ConfigError(f"table {table.name}: row {_label(row)}: {rel} has "
                           + (f"no entry of {what} (it has: {has})" if not found else
@@ -129,8 +139,8 @@ def render_record(table: Table, root: Path) -> tuple[list[str], list[str]]:
         picked.append((row, entry))
     problems = []
     for rel, rec in records.items():
-        entries = _entries(rec)
-        left = [str(e.get("algo")) for i, e in enumerate(entries or []) if i not in used[rel]
+        entries = _entries(table, rel, rec)
+        left = [_name(e) for i, e in enumerate(entries or []) if i not in used[rel]
                 and not (isinstance(e, dict) and e.get("algo") in table.omit)]
         if left:
             problems.append(f"table {table.name}: {rel} also has {', '.join(left)}, in no row: add a row or list it "

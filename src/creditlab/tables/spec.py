@@ -42,7 +42,8 @@ COLUMNS: dict[str, tuple[str, str, str, int, bool]] = {
 _PER_EPOCH = {"test_accuracy", "val_accuracy", "train_accuracy", "test_error", "val_error", "test_loss", "val_loss"}
 _LOGGED_AT = ("mean", "first", "last")
 _SPECIAL = {"algorithm": "algorithm", "n": "n", "epochs": "epochs", "published": "published"}
-_TABLE_KEYS = {"doc", "results", "record", "experiment", "command", "columns", "rows", "omit", "per_layer"}
+_TABLE_KEYS = {"doc", "results", "record", "experiment", "command", "columns", "rows", "omit", "per_layer",
+               "entries"}
 _PER_LAYER_KEYS = {"quantity", "layers", "digits"}
 _ROW_KEYS = {"algo", "label", "published", "results", "experiment", "step"}
 _RECORD_ROW_KEYS = {"algo", "label", "record", "where"}
@@ -83,6 +84,7 @@ class Table:
     omit: tuple[str, ...] = ()
     per_layer: dict | None = None
     record: str | None = None  # a results record folder (results record), for the rows without their own
+    entries: str | None = None  # a record table: the dotted path of the result's list rows select from
 
 
 def _column(entry: Any, where: str) -> Column:
@@ -191,6 +193,8 @@ def load_spec(path: Path) -> list[Table]:
         if not extra and (t.get("record") or (rows and all(isinstance(r, dict) and r.get("record") for r in rows))):
             tables.append(_record_table(name, t, where))
             continue
+        if t.get("entries") is not None:
+            raise ConfigError(f"{where}: entries (the list a row selects from) belongs to a record table (record:)")
         per_row = bool(rows) and all(isinstance(r, dict) and r.get("results") for r in rows)
         needed = ("doc", "results", "command") + (("columns",) if not t.get("per_layer") else ("rows",))
         missing = [k for k in needed if not t.get(k) and not (k == "results" and per_row)]
@@ -236,6 +240,10 @@ def _record_table(name: str, t: dict, where: str) -> Table:
     missing = [k for k in ("doc", "columns", "rows") if not t.get(k)]
     if missing:
         raise ConfigError(f"{where}: no {missing[0]}; a record table has doc, record (or each row's), columns, rows")
+    entries = t.get("entries")
+    if entries is not None and (not isinstance(entries, str) or not entries):
+        raise ConfigError(f"{where}: entries is the dotted path of the list in the record's result that rows select "
+                          f"from (default results), e.g. entries: layers")
     columns = [_column(c, f"{where}, column {i + 1}") for i, c in enumerate(t["columns"])]
     wrong = [c.name for c in columns if c.name not in (*RECORD_COLUMNS, "algorithm")]
     if wrong:
@@ -251,4 +259,4 @@ def _record_table(name: str, t: dict, where: str) -> Table:
         if r.get("where") is not None and not isinstance(r["where"], dict):
             raise ConfigError(f"{where}: row {i + 1}: where is a mapping {{KEY: VALUE}} the entry must match")
     return Table(name, t["doc"], None, " ".join(str(t.get("command") or "").split()), columns, t["rows"], None,
-                 tuple(t.get("omit") or ()), None, t.get("record"))
+                 tuple(t.get("omit") or ()), None, t.get("record"), entries)
