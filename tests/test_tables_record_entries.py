@@ -51,9 +51,9 @@ def test_rows_select_from_the_entries_list_by_where_in_the_rows_order(root):
             "| cifar-1 | 1245184 | 19.0 | 1.21x |\n") in text
 
 
-def test_an_entry_of_the_entries_list_in_no_row_is_a_problem_naming_it(root):
+def test_an_entry_of_the_entries_list_in_no_row_is_a_problem_naming_it_by_its_first_text(root):
     (root / "docs/tables.yaml").write_text(SPEC.replace("      - {label: cifar-1, where: {name: cifar-1}}\n", ""))
-    assert run(root)[1] == ["table lc: results/p/lc also has cifar-1, in no row: add a row or list it under omit"]
+    assert run(root)[1] == ["table lc: results/p/lc also has name=cifar-1, in no row: add a row or list it under omit"]
 
 
 def test_without_entries_the_rows_cannot_select_a_layer(root):

@@ -59,7 +59,7 @@ row's ``where: {KEY: VALUE}``; ``creditlab bench --json``), or, for a result wit
 the whole result (one ``creditlab check --json`` per row). ``entries: PATH`` (a dotted path of
 the result, which must hold a list) names the list rows select from instead of ``results``, e.g.
 ``entries: layers`` for ``creditlab bench --lc-layers --json``, whose rows select a layer by
-``where: {name: cifar-1}``. Its columns are ``algorithm`` and:
+``where: {layer: cifar-1}``. Its columns are ``algorithm`` and:
 
 * ``{name: field, path: ms_per_step, digits: N, sig: BOOL, scale: X, suffix: "x"}``: the number at a
   dotted path of the entry (``memory.step_bytes`` with ``scale: 9.5367431640625e-07``: MiB),

@@ -34,8 +34,12 @@ def _entries(table: Table, rel: str, rec: dict) -> list[Any] | None:
 
 
 def _name(entry: Any) -> str:
-    """An entry as an error message names it: its algo, else its name."""
-    return str(entry.get("algo") or entry.get("name")) if isinstance(entry, dict) else repr(entry)
+    """An entry as a message names it: its algo, else its first text item as KEY=VALUE."""
+    if not isinstance(entry, dict):
+        return repr(entry)
+    if entry.get("algo") is not None:
+        return str(entry["algo"])
+    return next((f"{k}={v}" for k, v in entry.items() if isinstance(v, str)), "an entry without algo")
 
 
 def _label(row: dict) -> str:
