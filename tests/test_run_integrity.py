@@ -263,3 +263,17 @@ def test_an_unreadable_file_outside_the_run_directory_is_not_reported_as_a_write
     monkeypatch.setattr(train_mod, "build_data", unreadable)
     with pytest.raises(FileNotFoundError):
         train(dict(SMALL, epochs=1), tmp_path / "run", progress=False)
+
+
+# ---- no validation split (val_size: 0, as the GAIT experiment files train) ----------------
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_a_run_without_validation_split_finishes_with_test_metrics_and_no_selected_epoch(tmp_path, loss):
+    cfg = dict(SMALL, val_size=0, loss=loss, optimizer={"name": "sgd", "lr": 0.01})
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["finished"] and summary["epochs"] == 2 and "test_loss" in summary
+    assert "val_loss" not in summary and "val_accuracy" not in summary
+    assert not {"best_val_epoch", "best_val_accuracy", "best_val_loss", "test_accuracy_at_best_val",
+                "test_loss_at_best_val"} & set(summary)
+    both = compare(dict(cfg, algos=["bp", "fa"]), tmp_path / "cmp", progress=False)
+    assert [a["algo"] for a in both["algorithms"]] == ["bp", "fa"]
+    assert all(a["test_loss_mean"] is not None for a in both["algorithms"])

@@ -130,8 +130,8 @@ def _summary(cfg: dict, spec: str, history: list[dict], angles: list[float], fin
     """A run's ``summary.json``: ``algo``, ``dataset``, ``seed``, ``epochs`` (done),
     ``finished``, ``processes`` (data-parallel runs only); the last epoch's ``train_/val_/
     test_accuracy`` and ``_loss``; the validation-selected epoch (``best_val_accuracy``,
-    ``best_val_epoch``, ``test_accuracy_at_best_val``; ``best_test_accuracy_over_training``);
-    and
+    ``best_val_epoch``, ``test_accuracy_at_best_val``; ``best_test_accuracy_over_training``;
+    none of these with ``val_size: 0``, where there is no validation split to select by); and
 
     * ``seconds_per_epoch``: mean training time over every epoch (the first one's warm-up
       included; kept for older tables); ``epoch_seconds_median``: the median over epochs 2..N
@@ -163,7 +163,7 @@ def _summary(cfg: dict, spec: str, history: list[dict], angles: list[float], fin
             s["best_val_epoch"] = best["epoch"]
             s["test_accuracy_at_best_val"] = best["test_accuracy"]
             s["best_test_accuracy_over_training"] = max(h["test_accuracy"] for h in history)
-        else:
+        elif "val_loss" in last:
             best = min(history, key=lambda h: h["val_loss"])
             s["best_val_loss"] = best["val_loss"]
             s["best_val_epoch"] = best["epoch"]
