@@ -8,6 +8,13 @@ used here) in a scratch virtual environment that sees this repository's torch an
     /tmp/btvenv/bin/pip install --no-deps biotorch          # 0.0.16 on PyPI
     /tmp/btvenv/bin/python experiments/biotorch_check.py    # --dtype float32 | float64 (default: both)
 
+``--json`` prints one JSON object instead (for ``creditlab results record``, which runs ``python``
+as its own interpreter: give it BioTorch with ``PYTHONPATH=/tmp/btvenv/lib/python3.X/site-packages``):
+``{"biotorch", "torch", "steps", "lr", "results": [{"algo", "biotorch_type", "biotorch_init",
+"model_init", "control", "errors": {MODEL: {DTYPE: error}}, "sign_flips": {MODEL: {DTYPE: n}}}],
+"draws": {DTYPE: difference}, "brsf_kaiming": what BioTorch's brSF with its non-xavier init did}``;
+the exit status is 1 where a case is not as expected, as without ``--json``.
+
 Only ``biotorch.layers.fa_constructor`` (the Linear / Conv2d that every BioTorch FA-family layer
 is) and, through it, ``biotorch.autograd.fa`` are imported; they import nothing but torch.
 
@@ -34,6 +41,7 @@ weights change sign between steps (the feedback must follow W's signs as they ar
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -205,37 +213,49 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     args = ap.parse_args()
     from importlib.metadata import version
 
-    print(f"BioTorch {version('biotorch')} ({bt.__file__}), torch {torch.__version__}")
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"BioTorch {version('biotorch')} ({bt.__file__}), torch {torch.__version__}")
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     failed = False
+    results = [{"algo": spec, "biotorch_type": mode, "biotorch_init": bt_init, "model_init": model_init,
+                "control": not equal, "errors": {m: {} for m in MODELS}, "sign_flips": {m: {} for m in MODELS}}
+               for spec, mode, bt_init, model_init, equal in CASES]
+    draws = {}
     for dname in dtypes:
         dtype = getattr(torch, dname)
         torch.set_default_dtype(dtype)  # BioTorch's brSF draws into torch.Tensor(size), of the default dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-12
-        print(f"\n{dname}: max relative gradient error over every parameter and {args.steps} steps (tolerance {tol:g})")
+        say(f"\n{dname}: max relative gradient error over every parameter and {args.steps} steps (tolerance {tol:g})")
         for model in MODELS:
-            for spec, mode, bt_init, model_init, equal in CASES:
+            for entry, (spec, mode, bt_init, model_init, equal) in zip(results, CASES):
                 err, flips = compare(model, spec, mode, bt_init, model_init, dtype, args.steps, args.lr)
+                entry["errors"][model][dname], entry["sign_flips"][model][dname] = err, flips
                 ok = (err <= tol) == equal
                 failed |= not ok
                 verdict = ("equal" if err <= tol else "differs") + (" (control)" if not equal else "")
-                print(f"  {model:5s} {spec:36s} vs BioTorch {mode:4s} (init {bt_init:7s}) {err:9.2e}  "
-                      f"{flips:4d} sign flips  {verdict}{'' if ok else '  UNEXPECTED'}")
-        d = draws_equal(dtype)
+                say(f"  {model:5s} {spec:36s} vs BioTorch {mode:4s} (init {bt_init:7s}) {err:9.2e}  "
+                    f"{flips:4d} sign flips  {verdict}{'' if ok else '  UNEXPECTED'}")
+        d = draws[dname] = draws_equal(dtype)
         failed |= d > tol
-        print(f"  brSF/frSF magnitude draws from one seed, creditlab vs BioTorch: max relative difference {d:.2e}")
+        say(f"  brSF/frSF magnitude draws from one seed, creditlab vs BioTorch: max relative difference {d:.2e}")
     torch.set_default_dtype(torch.float32)
 
     # BioTorch's brSF with its non-xavier init refers to an unimported name
     layer = bt.Linear(4, 3, True, {"type": "brsf", "options": {"init": "kaiming"}})
     try:
         layer(torch.randn(2, 4))
-        print("\nBioTorch brsf with init=kaiming ran")
+        kaiming = "ran"
+        say("\nBioTorch brsf with init=kaiming ran")
     except NameError as exc:
-        print(f"\nBioTorch brsf with init=kaiming fails in forward: NameError: {exc}")
+        kaiming = f"fails in forward: NameError: {exc}"
+        say(f"\nBioTorch brsf with init=kaiming {kaiming}")
+    if args.json:
+        print(json.dumps({"biotorch": version("biotorch"), "torch": torch.__version__, "steps": args.steps,
+                          "lr": args.lr, "results": results, "draws": draws, "brsf_kaiming": kaiming}, indent=2))
     sys.exit(1 if failed else 0)
 
 
