@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from creditlab.algorithms import build_algorithm
 from creditlab.algorithms.gait import gait_targets, gram, layer_gamma, ortho_grad, ortho_penalty
@@ -362,3 +362,89 @@ def test_float64_models_are_initialised_orthogonal_in_float64(model):
         assert w.dtype == D64
         err = (w @ w.T - torch.eye(w.shape[0], dtype=D64)).abs().max()
         assert err < 1e-12, float(err)
+
+
+def _nudges(net: InvertibleNet, x, y, loss, gamma: float, slope: float = 0.1):
+    """The forward trace and GP's nudge dh_l = gamma_l f'(a_l)^2 (t_l - h_l) of every layer."""
+    with torch.no_grad():
+        tr = net.trace(x)
+        diffs, _, gammas = gait_targets(net, tr, loss.grad(tr.outs[-1][:, :5], y), True, gamma)
+    dh = [gammas[l][:, None] * torch.where(tr.pre[l] > 0, 1.0, slope) ** 2 * diffs[l] for l in range(len(diffs))]
+    return tr, dh
+
+
+def _kink_setup(cross: bool, seed: int = 21):
+    """An orthogonal leaky-ReLU net and batch in which unit j of hidden layer l = 2 of sample n
+    sits a quarter of its GP nudge dh from the kink, on the side the nudge crosses (``cross``)
+    or on the side it moves away from. Returns the net, batch, loss, (l, n, j), gamma, the
+    kink ratio r = (f^{-1}(h + dh) - a) f'(a) / dh from the piecewise-linear inverse written
+    out here (1 when the kink is not crossed), and every (layer, sample, unit) whose nudge
+    crosses a kink."""
+    torch.manual_seed(seed)
+    net = _fc()
+    x, y = _batch(net)
+    loss = build_loss("cross_entropy:reduction=sum")
+    l, n, j, gamma, slope = 2, 0, 3, 1e-4, 0.1
+
+    def place(a_target: float):
+        with torch.no_grad():
+            net.layers[l].bias[j] += a_target - net.trace(x).pre[l][n, j]
+
+    place(1e-12)  # at the kink, to read the nudge's sign and size there
+    s = float(torch.sign(_nudges(net, x, y, loss, gamma)[1][l][n, j]))
+    place((-s if cross else s) * abs(float(_nudges(net, x, y, loss, gamma)[1][l][n, j])) / 4)
+    tr, dh = _nudges(net, x, y, loss, gamma)
+    a, d = float(tr.pre[l][n, j]), float(dh[l][n, j])
+    h = a if a > 0 else slope * a
+    finv = h + d if h + d > 0 else (h + d) / slope
+    r = (finv - a) * (1.0 if a > 0 else slope) / d
+    crossed = [(k, *t) for k in range(1, len(net.layers) - 1)
+               for t in (((tr.outs[k] + dh[k]) > 0) != (tr.pre[k] > 0)).nonzero().tolist()]
+    return net, x, y, loss, (l, n, j), gamma, r, crossed
+
+
+def _backprop_scaling_one_preact_grad(net: InvertibleNet, loss, x, y, l: int, n: int, j: int, r: float):
+    """Backprop's parameter gradients with the one entry dL/da_l[n, j] multiplied by r."""
+    net.zero_grad(set_to_none=True)
+    h = x
+    for k, layer in enumerate(net.layers):
+        a, out = layer.full(h)
+        if k == l:
+            scale = torch.ones_like(a)
+            scale[n, j] = r
+            a.register_hook(lambda g, scale=scale: g * scale)
+        h = out[:, : layer.keep]
+    loss(h, y).backward()
+    return {name: p.grad.detach().clone() for name, p in net.named_parameters()}
+
+
+def _rel(u: Tensor, g: Tensor) -> float:
+    return float((u - g).norm() / g.norm())
+
+
+@pytest.mark.parametrize("targets", ["inverse", "delta"])
+def test_gp_at_orthogonal_init_departs_from_backprop_only_below_a_kink_its_nudge_crosses(targets):
+    """With orthogonal weights and leaky ReLU, normalized GP's update is backprop's unless a
+    nudge h_l + dh_l crosses a kink: the exact inverse then returns f^{-1}(h + dh) - a, not the
+    linearised dh / f'(a), so the layers below l get backprop's update with dL/da_l[n, j] scaled
+    by the ratio r of the two (between 1 and 1/slope from the positive side, slope and 1 from the
+    negative), while layer l and the layers above keep backprop's; without a crossing GP is
+    backprop's in every layer, at any gamma.
+    (The step-0 angle of ~2 deg in the deep CIFAR run, docs/gait.md, is one such unit.)"""
+    for cross in (True, False):
+        net, x, y, loss, (l, n, j), gamma, r, crossed = _kink_setup(cross)
+        assert crossed == ([(l, n, j)] if cross else []), crossed
+        algo = build_algorithm(f"gait:gamma={gamma},ortho=0,targets={targets}", net, loss)
+        algo.step(x, y)
+        gp = {k: v.clone() for k, v in algo.task_updates.items()}
+        bp = backprop_grads(net, loss, x, y)
+        kink_bp = _backprop_scaling_one_preact_grad(net, loss, x, y, l, n, j, r)
+        for k in range(len(net.layers)):
+            for name in (f"layers.{k}.linear.weight", f"layers.{k}.linear.bias"):
+                if k >= l or not cross:
+                    assert _rel(gp[name], bp[name]) < 1e-8, (cross, name)
+                else:
+                    assert _rel(gp[name], kink_bp[name]) < 1e-8, name
+                    assert _rel(gp[name], bp[name]) > 1e-2, name
+        # crossed here from the positive side at a = |dh| / 4: r = 7.75, far from the linearised 1
+        assert abs(r - 1.0) > 1.0 if cross else abs(r - 1.0) < 1e-12, r

@@ -17,7 +17,12 @@ Backward pass (Algorithm 1 re-indexed), every target from the weights before thi
 
 With exact inverses of orthogonal W and gamma -> 0 this is backprop's gradient of L: the output
 layer's update equals it exactly (t = h - g/2, factor 2, D = I for the linear output), lower
-layers to first order in gamma.
+layers to first order in gamma. With a piecewise-linear activation (leaky ReLU) the lower layers'
+updates are backprop's exactly, at any gamma, unless a nudged output h_l + dh_l crosses a unit's
+kink: the exact inverse then gives f^{-1}(h + dh) - a for that unit instead of the linearised
+dh / f'(a), and the layers below l get backprop's update with that entry of dL/da_l scaled by
+the ratio of the two (docs/gait.md, "Deep net, float64, first 20 steps"; scripts/gait_kinks.py).
+That is GAIT-prop's own update at finite gamma, in both target forms, not an approximation made here.
 
 gamma_l:
 * vanilla (``normalize=false``): gamma_l = gamma (1e-3 in the authors' configs);
