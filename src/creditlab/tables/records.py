@@ -9,6 +9,7 @@ from typing import Any
 from creditlab.errors import ConfigError
 from creditlab.results import RECORD
 from creditlab.tables.data import _read_json
+from creditlab.tables.markdown import esc, fixed, header, label
 from creditlab.tables.spec import Column, Table
 
 
@@ -42,10 +43,6 @@ def _name(entry: Any) -> str:
     return next((f"{k}={v}" for k, v in entry.items() if isinstance(v, str)), "an entry without algo")
 
 
-def _label(row: dict) -> str:
-    return str(row.get("label") or f"`{row.get('algo')}`")
-
-
 def _select(table: Table, rel: str, rec: dict, row: dict) -> tuple[int | None, Any]:
     """The row's entry of the record (its index in ``result.results``, or None for the whole result)."""
     entries = _entries(table, rel, rec)
@@ -54,7 +51,7 @@ def _select(table: Table, rel: str, rec: dict, row: dict) -> tuple[int | None, A
         res = rec["result"]
         if where or (row.get("algo") is not None and isinstance(res, dict) and "algo" in res
                      and res["algo"] != row["algo"]):
-            raise ConfigError(f"table {table.name}: row {_label(row)}: {rel} is one measurement of "
+            raise ConfigError(f"table {table.name}: row {label(row)}: {rel} is one measurement of "
                               f"{res.get('algo') if isinstance(res, dict) else 'no algorithm'}, not of "
                               f"{row.get('algo')}" + (f" where {where}" if where else ""))
         return None, res
@@ -64,7 +61,7 @@ def _select(table: Table, rel: str, rec: dict, row: dict) -> tuple[int | None, A
     if len(found) != 1:
         has = ", ".join(_name(e) for e in entries if isinstance(e, dict))
         what = f"algo {row.get('algo')}" + (f" where {where}" if where else "")
-        raise ConfigError(f"table {table.name}: row {_label(row)}: {rel} has "
+        raise ConfigError(f"table {table.name}: row {label(row)}: {rel} has "
                           + (f"no entry of {what} (it has: {has})" if not found else
                              f"{len(found)} entries of {what}; tell them apart with where: {{KEY: VALUE}}"))
     return found[0], entries[found[0]]
@@ -95,14 +92,13 @@ def _number(col: Column, x: Any, where: str) -> str:
         text = f"{v:#.{col.digits}g}"
         mantissa, e, exp = text.partition("e")
         text = mantissa.rstrip(".") + (f"e{int(exp)}" if e else "")
-    else:
-        text = f"{v:.{col.digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
+    return fixed(v, col.digits)
 
 
 def _cell(col: Column, row: dict, entry: Any, where: str) -> str:
     if col.name == "algorithm":
-        return _label(row)
+        return label(row)
     if col.name == "text":
         return str(row.get(col.metric, ""))
     value = _at(entry, col.path, where)
@@ -149,11 +145,10 @@ def render_record(table: Table, root: Path) -> tuple[list[str], list[str]]:
         if left:
             problems.append(f"table {table.name}: {rel} also has {', '.join(left)}, in no row: add a row or list it "
                             f"under omit")
-    lines = ["", "| " + " | ".join(c.header.replace("|", "\\|") for c in table.columns) + " |",
-             "|" + "---|" * len(table.columns)]
+    lines = header([c.header for c in table.columns])
     for row, entry in picked:
-        where = f"table {table.name}, row {_label(row)}"
-        lines.append("| " + " | ".join(_cell(c, row, entry, where).replace("|", "\\|") for c in table.columns) + " |")
+        where = f"table {table.name}, row {label(row)}"
+        lines.append("| " + " | ".join(esc(_cell(c, row, entry, where)) for c in table.columns) + " |")
     lines.append("")
     if len(records) == 1:
         rel, rec = next(iter(records.items()))

@@ -11,12 +11,10 @@ from creditlab import config as config_mod
 from creditlab.errors import ConfigError
 from creditlab.published import lookup
 from creditlab.tables.data import _epoch_rows, _logged, _steps, read_results
+from creditlab.tables.markdown import esc as _esc
+from creditlab.tables.markdown import fixed as _fixed
+from creditlab.tables.markdown import header, label
 from creditlab.tables.spec import COLUMNS, Column, Table
-
-
-def _fixed(x: float, digits: int) -> str:
-    text = f"{x:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _value(col: Column, run: dict) -> tuple[float | None, str]:
@@ -58,10 +56,6 @@ def _cell(col: Column, runs: list[dict]) -> str:
     if col.std and len(vals) > 1:
         return f"{mean} ± {_fixed(statistics.stdev(vals) * (abs(col.scale) if how == 'num' else 100), col.digits)}"
     return mean
-
-
-def _esc(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def _published(table: Table, rows: list[dict], root: Path) -> tuple[list[str], list[str]]:
@@ -208,8 +202,7 @@ def _per_layer(table: Table, cols: list[tuple[dict, list[dict]]]) -> list[str]:
         return _fixed(x, digits) if quantity == "angle" else f"{x:.{digits}g}"
 
     what = "angle to BP (deg)" if quantity == "angle" else "relaxation residual"
-    lines = ["", f"| layer: {what} | " + " | ".join(_esc(str(r.get("label") or f"`{r['algo']}`")) for r, _ in cols)
-             + " |", "|" + "---|" * (len(cols) + 1)]
+    lines = header([f"layer: {what}"] + [label(r) for r, _ in cols])
     for name in layers:
         cells = []
         for (_, runs), per_seed in zip(cols, values):
@@ -229,14 +222,13 @@ def _per_layer(table: Table, cols: list[tuple[dict, list[dict]]]) -> list[str]:
 def _metric_rows(table: Table, used: list[tuple[str, str]], rows: list[dict], data: dict, root: Path
                  ) -> tuple[list[str], list[str]]:
     published, footer = _published(table, rows, root)
-    lines = ["", "| " + " | ".join(_esc(c.header) for c in table.columns) + " |",
-             "|" + "---|" * len(table.columns)]
+    lines = header([c.header for c in table.columns])
     for (rel, algo), r, pub in zip(used, rows, published):
         runs = data[rel][1][algo]
         cells = []
         for c in table.columns:
             if c.name == "algorithm":
-                cells.append(_esc(str(r.get("label") or f"`{algo}`")))
+                cells.append(_esc(label(r, algo)))
             elif c.name == "n":
                 lost = [x for x in runs if "_diverged" in x]
                 cells.append(f"{len(runs) - len(lost)}" + (f" (+{len(lost)} diverged)" if lost else ""))
