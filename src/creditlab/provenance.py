@@ -7,6 +7,7 @@ Nothing here may stop a run: each field that cannot be found is ``null``.
 from __future__ import annotations
 
 import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -44,6 +45,16 @@ def _gpu_name(device: torch.device) -> str | None:
         return torch.cuda.get_device_name(device)
     except Exception:  # noqa: BLE001 - provenance never fails a run
         return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), or None where that file says nothing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else None
 
 
 def environment(cfg: dict, device: torch.device | str | None = None, data: Any = None) -> dict[str, Any]:

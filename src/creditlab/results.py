@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -166,16 +167,6 @@ def add(run_dir: str | Path, paper: str, experiment: str, root: str | Path = "re
     return dest
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (``/proc/cpuinfo``), or None where that file says nothing."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else None
-
-
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -225,7 +216,7 @@ def record(command: list[str], paper: str, experiment: str, root: str | Path = "
     file's path."""
     import torch
 
-    from creditlab.provenance import git_state
+    from creditlab.provenance import cpu_model, git_state
 
     dest = Path(root) / _name(paper, "--paper") / _name(experiment, "--experiment")
     path = dest / RECORD
@@ -263,7 +254,7 @@ def record(command: list[str], paper: str, experiment: str, root: str | Path = "
         "result": result,
         "environment": {
             "git_commit": commit, "git_dirty": dirty, "torch_version": torch.__version__,
-            "python_version": sys.version.split()[0], "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "python_version": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "threads": _threads(env.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))),
             "load_before": before, "load_after": after, "seconds": round(seconds, 1),
             "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
